@@ -1,0 +1,1 @@
+"""The `twinvae` command line: thin typer commands over tested library functions."""

@@ -1,0 +1,61 @@
+"""Entry point of the `twinvae` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from twinvae import __version__
+from twinvae.cli import data, demo, export, knime, synth, train, zoo
+from twinvae.cli.common import err_console
+from twinvae.errors import TwinVAEError
+
+app = typer.Typer(
+    name="twinvae",
+    help="Twin-VAE cell counting: synthetic data, training, transfer learning, "
+    "bioimage.io export, model zoo and KNIME workflows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"twinvae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Twin-VAE cell counting for bright-field (BF) and phase-contrast (PC) microscopy."""
+
+
+for module in (synth, data, train, export, zoo, knime, demo):
+    module.register(app)
+
+
+def main() -> None:
+    """Run the CLI; user errors become one red line and exit code 1, not a traceback."""
+    try:
+        app(standalone_mode=False)
+    except TwinVAEError as error:
+        err_console.print(f"[bold red]Error:[/] {error}", highlight=False)
+        sys.exit(1)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        err_console.print("Aborted.")
+        sys.exit(130)
+    except Exception as error:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

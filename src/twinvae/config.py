@@ -1,0 +1,230 @@
+"""The validated configuration tree of a twinvae run, saved as YAML with every run and checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twinvae.errors import ConfigError
+from twinvae.models.twin_vae import ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the natural and synthetic images come from and how validation is cut."""
+
+    natural: str | None = Field(
+        None,
+        description="natural images: a CHO-K1 modality folder (with train.csv), a CSV file, "
+        "a generic folder (images + counts.csv), or None for natural-looking generated images",
+    )
+    modality: Literal["bf", "pc"] = "pc"
+    natural_split: Literal["train", "test"] = "train"
+    generated_natural_count: int = Field(
+        600, ge=10, description="images generated in the natural style when `natural` is None"
+    )
+    generated_natural_labelled: int = Field(
+        120, ge=1, description="how many of the generated natural images keep their label"
+    )
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="labelled share for validation")
+    split_seed: int = 0
+    skip_bad: bool = False
+    resize: bool = False
+    cache_dir: str | None = None
+    natural_only: bool = Field(False, description="train without the synthetic twin")
+    synthetic: str | None = Field(
+        None, description="folder of synthetic images + counts.csv; None = generate on the fly"
+    )
+    synthetic_generator: dict[str, Any] = Field(
+        default_factory=dict, description="overrides for the synthetic generator (SynthConfig)"
+    )
+    synthetic_ratio: float = Field(
+        1.0, ge=0.25, le=10.0, description="synthetic images per natural image in each step"
+    )
+    labelled_fraction: float | None = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="share of labelled images in every natural batch (None = as sampled)",
+    )
+    max_count: int = Field(30, ge=1)
+
+
+class LossConfig(_Strict):
+    """Twin loss (paper Eq. 1) per domain: C_rec * Rec + C_reg * Reg + C_KL * KL."""
+
+    rec_weight: float = Field(100.0, ge=0.0, description="C_rec")
+    reg_weight: float = Field(3.0, ge=0.0, description="C_reg")
+    kl_weight: float = Field(2.0, ge=0.0, description="C_KL")
+    reconstruction: Literal["mse", "bce"] = "mse"
+    regressor_start_epoch: int = Field(0, ge=0, description="epochs before Reg is switched on")
+    rec_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="C_rec is multiplied by this after every epoch"
+    )
+    decoder_off: bool = Field(False, description="C_rec = 0 and decoders are not run")
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adam", "radam", "adamw"] = "adam"
+    lr: float = Field(1.3e-4, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class AugmentConfig(_Strict):
+    """Whole-batch augmentation on the training device (never on validation or test data)."""
+
+    enabled: bool = True
+    flips: bool = True
+    rot90: bool = True
+    max_rotation_deg: float = Field(5.0, ge=0.0, le=45.0)
+    crop_scale: float = Field(0.9, gt=0.5, le=1.0, description="smallest crop side, resized back")
+    noise_std: float = Field(0.02, ge=0.0, le=0.5)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=2, description="natural images per step")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="None = one pass over the natural training images"
+    )
+    early_stopping_patience: int | None = Field(20, ge=1)
+    early_stopping_min_delta: float = Field(
+        1e-3, ge=0.0, description="a validation MAE must drop by more than this to count"
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 autocast on CUDA, fp32 on CPU"
+    )
+    channels_last: bool = True
+    num_threads: int | None = Field(None, ge=1, description="CPU threads (None = torch default)")
+    val_every: int = Field(1, ge=1)
+    tta: bool = Field(False, description="validate with the 8 flips/rotations averaged")
+
+
+class TransferConfig(_Strict):
+    """Transfer learning from a trained checkpoint (paper section 3)."""
+
+    from_checkpoint: str | None = None
+    strategy: Literal["simultaneous", "frozen-outer", "frozen-core", "thaw"] = "simultaneous"
+    thaw_stages: list[list[str]] = Field(
+        default_factory=lambda: [["regressor", "outer_natural"], ["core"], ["outer_synthetic"]],
+        description="thaw: groups unfrozen at the start of each equal share of the epochs",
+    )
+    reset_regressor: bool = False
+    second_stage: DoubleTransferStage | None = Field(
+        None, description="double transfer: a second transfer (e.g. back to A) after this one"
+    )
+
+
+class DoubleTransferStage(_Strict):
+    """The second leg of a double transfer (A -> B -> A)."""
+
+    data: DataConfig
+    epochs: int = Field(50, ge=1)
+    strategy: Literal["simultaneous", "frozen-outer", "frozen-core", "thaw"] = "simultaneous"
+
+
+class ExperimentConfig(_Strict):
+    """One run: data, model, loss, optimiser, augmentation, training and transfer settings."""
+
+    name: str = "twinvae"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    transfer: TransferConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "/\\:"):
+            raise ValueError("name must be non-empty and contain no path separators")
+        return value
+
+    @model_validator(mode="after")
+    def _check_synthetic(self) -> ExperimentConfig:
+        if self.data.natural_only and self.data.synthetic is not None:
+            raise ValueError("data.natural_only is set, so data.synthetic must be None")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_yaml(), encoding="utf-8")
+
+
+TransferConfig.model_rebuild()
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped with twinvae (paper-pc, quick-cpu, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested config dict."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config file, or a builtin config by name, and apply overrides."""
+    path = Path(source)
+    if not path.is_file():
+        builtin = CONFIG_DIR / f"{source}.yaml"
+        if not builtin.is_file():
+            raise ConfigError(
+                f"config {str(source)!r} is neither a file nor a builtin config "
+                f"(builtin: {', '.join(builtin_configs())})"
+            )
+        path = builtin
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...)")
+    return config_from_dict(apply_overrides(data, overrides or []), origin=str(path))
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "config") -> ExperimentConfig:
+    """Validate a config dict; errors name every offending key."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{origin}: invalid config: {problems}") from error

@@ -1,0 +1,1 @@
+"""Evaluation: MAE, MRE and exact-count accuracy, overall and per true count."""

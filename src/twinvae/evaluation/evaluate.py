@@ -1,0 +1,58 @@
+"""Evaluate a checkpoint or an exported bundle on a labelled image set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinvae.data.imageset import ImageSet
+from twinvae.errors import DataError
+from twinvae.evaluation.metrics import evaluation_report, round_counts
+
+
+def is_bundle(path: Path) -> bool:
+    """A bioimage.io bundle: a .zip, or a folder holding rdf.yaml."""
+    return path.suffix.lower() == ".zip" or (path.is_dir() and (path / "rdf.yaml").is_file())
+
+
+def predict_with_model(
+    model_path: Path, images: np.ndarray, *, tta: bool = False, domain: str = "natural"
+) -> np.ndarray:
+    """Counts for uint8 (N, H, W) images from a checkpoint (PyTorch) or a bundle (ONNX Runtime)."""
+    if is_bundle(model_path):
+        if tta:
+            raise DataError("test-time augmentation is only available for checkpoints")
+        from twinvae.export.predict import predict_bundle_arrays
+
+        return predict_bundle_arrays(model_path, images)
+    from twinvae.config import TrainConfig
+    from twinvae.training.checkpoint import load_model
+    from twinvae.training.device import setup_runtime
+    from twinvae.training.trainer import predict_counts
+
+    model, _ = load_model(model_path)
+    runtime = setup_runtime(TrainConfig(precision="fp32"))
+    model.to(runtime.device)
+    return predict_counts(model, images, runtime, domain=domain, tta=tta)
+
+
+def evaluate(
+    model_path: Path, image_set: ImageSet, *, tta: bool = False, domain: str = "natural"
+) -> dict[str, Any]:
+    """Metrics (overall and per count) plus per-image predictions on the labelled images."""
+    labelled = image_set.labelled_only()
+    if len(labelled) == 0:
+        raise DataError(f"{image_set.source or 'data'}: no labelled image to evaluate on")
+    predictions = predict_with_model(model_path, labelled.images, tta=tta, domain=domain)
+    report = evaluation_report(predictions, labelled.counts)
+    report["model"] = str(model_path)
+    report["data"] = image_set.source
+    report["predictions"] = [
+        {"file": name, "count": int(true), "predicted": float(pred), "rounded": int(rounded)}
+        for name, true, pred, rounded in zip(
+            labelled.names, labelled.counts, predictions, round_counts(predictions), strict=True
+        )
+    ]
+    return report

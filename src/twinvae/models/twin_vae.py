@@ -1,0 +1,241 @@
+"""The Twin-VAE: two VAEs (natural, synthetic) sharing inner layers and a cell-count regressor.
+
+Layer sizes follow the authors' reference implementation (Stallmann et al. 2021; Kenneweg,
+Stallmann, Hammer 2023) for 128 x 128 grey images:
+
+    outer encoder (per domain)  128 -> 62 -> 29 -> 13 -> 5 px, channels 1 -> c -> 2c -> 4c -> 8c
+    shared encoder              5 -> 1 px, 8c -> 16c, then fc_mu / fc_logvar 16c -> latent
+    shared decoder              latent -> 16c (fc), 1 -> 5 px, 16c -> 8c
+    outer decoder (per domain)  5 -> 13 -> 29 -> 61 -> 62 -> 128 px, sigmoid output
+    regressor                   latent -> 256 -> 128 -> 1 (raw count)
+
+with c = base_channels (32 in the papers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+DomainName = Literal["natural", "synthetic"]
+DOMAINS: tuple[DomainName, DomainName] = ("natural", "synthetic")
+MODEL_IMAGE_SIZE = 128
+
+
+class ModelConfig(BaseModel):
+    """Sizes and variants of the Twin-VAE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_channels: int = Field(32, ge=1, description="channels of the first outer conv layer")
+    latent_dim: int = Field(256, ge=1, description="size of mu / logvar / z")
+    regressor_hidden: tuple[int, ...] = Field((256, 128), description="hidden regressor widths")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    leaky_slope: float = Field(0.2, ge=0.0)
+    regressor_input: Literal["latent", "shared_decoder"] = Field(
+        "latent", description="feed the regressor mu, or the shared decoder output (paper variant)"
+    )
+    init: Literal["default", "orthogonal"] = "default"
+
+
+def _conv_block(c_in: int, c_out: int, cfg: ModelConfig) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=5, stride=2),
+        nn.LeakyReLU(cfg.leaky_slope),
+        nn.Dropout(cfg.dropout),
+    ]
+
+
+def _deconv_block(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> list[nn.Module]:
+    return [
+        nn.ConvTranspose2d(c_in, c_out, kernel_size=kernel, stride=stride),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(cfg.leaky_slope),
+    ]
+
+
+class OuterEncoder(nn.Sequential):
+    """Domain-specific outer encoder: (N, 1, 128, 128) -> (N, 8c, 5, 5)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        c = cfg.base_channels
+        super().__init__(
+            *_conv_block(1, c, cfg),
+            *_conv_block(c, 2 * c, cfg),
+            *_conv_block(2 * c, 4 * c, cfg),
+            *_conv_block(4 * c, 8 * c, cfg),
+        )
+
+
+class SharedEncoder(nn.Module):
+    """Shared inner encoder: (N, 8c, 5, 5) -> mu, logvar of shape (N, latent)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.base_channels
+        self.conv = nn.Sequential(*_conv_block(8 * c, 16 * c, cfg), nn.Flatten())
+        self.fc_mu = nn.Linear(16 * c, cfg.latent_dim)
+        self.fc_logvar = nn.Linear(16 * c, cfg.latent_dim)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.conv(features)
+        return self.fc_mu(hidden), self.fc_logvar(hidden)
+
+
+class SharedDecoder(nn.Module):
+    """Shared inner decoder: (N, latent) -> (N, 8c, 5, 5)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.base_channels
+        self.fc = nn.Linear(cfg.latent_dim, 16 * c)
+        self.deconv = nn.Sequential(*_deconv_block(16 * c, 8 * c, 5, 2, cfg))
+        self._channels = 16 * c
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.fc(z).view(-1, self._channels, 1, 1))
+
+
+class OuterDecoder(nn.Sequential):
+    """Domain-specific outer decoder: (N, 8c, 5, 5) -> (N, 1, 128, 128) in [0, 1]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        c = cfg.base_channels
+        super().__init__(
+            *_deconv_block(8 * c, 4 * c, 5, 2, cfg),  # 5 -> 13
+            *_deconv_block(4 * c, 2 * c, 5, 2, cfg),  # 13 -> 29
+            *_deconv_block(2 * c, c, 5, 2, cfg),  # 29 -> 61
+            *_deconv_block(c, c, 2, 1, cfg),  # 61 -> 62
+            nn.ConvTranspose2d(c, 1, kernel_size=6, stride=2),  # 62 -> 128
+            nn.Sigmoid(),
+        )
+
+
+class Regressor(nn.Sequential):
+    """MLP from features to a raw (unbounded, linear) cell count."""
+
+    def __init__(self, in_features: int, cfg: ModelConfig) -> None:
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in cfg.regressor_hidden:
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(cfg.leaky_slope), nn.Dropout(cfg.dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        super().__init__(*layers)
+
+
+@dataclass
+class TwinOutput:
+    """Everything one forward pass of one domain produces (recon is None when not decoded)."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+    count: torch.Tensor
+    recon: torch.Tensor | None
+
+
+class TwinVAE(nn.Module):
+    """Two VAEs with domain-specific outer layers and shared inner layers and regressor.
+
+    Parameter groups (used by the transfer strategies): ``outer`` = encoders + decoders,
+    ``core`` = shared encoder + shared decoder, ``regressor``.
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        cfg = self.config
+        self.encoders = nn.ModuleDict({d: OuterEncoder(cfg) for d in DOMAINS})
+        self.shared_encoder = SharedEncoder(cfg)
+        self.shared_decoder = SharedDecoder(cfg)
+        self.decoders = nn.ModuleDict({d: OuterDecoder(cfg) for d in DOMAINS})
+        regressor_in = cfg.latent_dim if cfg.regressor_input == "latent" else 8 * cfg.base_channels * 25
+        self.regressor = Regressor(regressor_in, cfg)
+        if cfg.init == "orthogonal":
+            self.apply(_orthogonal_init)
+
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        """Modules by transfer group name: outer, outer_natural, outer_synthetic, core, regressor."""
+        return {
+            "outer_natural": [self.encoders["natural"], self.decoders["natural"]],
+            "outer_synthetic": [self.encoders["synthetic"], self.decoders["synthetic"]],
+            "outer": [*self.encoders.values(), *self.decoders.values()],
+            "core": [self.shared_encoder, self.shared_decoder],
+            "regressor": [self.regressor],
+        }
+
+    def encode(self, images: torch.Tensor, domain: DomainName) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 1, 128, 128) in [0, 1] -> mu, logvar (N, latent)."""
+        return self.shared_encoder(self.encoders[domain](images))
+
+    def decode(self, z: torch.Tensor, domain: DomainName) -> torch.Tensor:
+        """Latent codes (N, latent) -> images (N, 1, 128, 128) of the given domain."""
+        return self.decoders[domain](self.shared_decoder(z))
+
+    def regress(self, mu: torch.Tensor) -> torch.Tensor:
+        """Latent mean (N, latent) -> counts (N,)."""
+        features = mu if self.config.regressor_input == "latent" else self.shared_decoder(mu).flatten(1)
+        return self.regressor(features).squeeze(1)
+
+    def forward(
+        self, images: torch.Tensor, domain: DomainName, *, sample: bool = True, decode: bool = True
+    ) -> TwinOutput:
+        """One domain's pass. ``sample`` draws z (training); otherwise z = mu (deterministic)."""
+        mu, logvar = self.encode(images, domain)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        recon = self.decode(z, domain) if decode else None
+        return TwinOutput(mu=mu, logvar=logvar, z=z, count=self.regress(mu), recon=recon)
+
+    @torch.no_grad()
+    def count(self, images: torch.Tensor, domain: DomainName = "natural") -> torch.Tensor:
+        """Deterministic counts (N,) for images (N, 1, 128, 128) in [0, 1]; uses mu."""
+        return self.regress(self.encode(images, domain)[0])
+
+    @torch.no_grad()
+    def translate(self, images: torch.Tensor, source: DomainName, target: DomainName) -> torch.Tensor:
+        """Encode in ``source`` and decode as ``target`` (e.g. natural -> synthetic look)."""
+        return self.decode(self.encode(images, source)[0], target)
+
+    def counting_network(self, domain: DomainName = "natural", with_mu: bool = False) -> CountingNetwork:
+        """The deterministic encoder + regressor path of one domain, for export."""
+        return CountingNetwork(self, domain, with_mu)
+
+
+class CountingNetwork(nn.Module):
+    """Outer encoder -> shared encoder -> mu -> regressor; (N, 1, 128, 128) -> (N, 1) counts.
+
+    Shares (does not copy) the Twin-VAE's modules. With ``with_mu`` it also returns mu (N, latent).
+    """
+
+    def __init__(self, twin: TwinVAE, domain: DomainName = "natural", with_mu: bool = False) -> None:
+        super().__init__()
+        self.encoder = twin.encoders[domain]
+        self.shared_encoder = twin.shared_encoder
+        self.regressor = twin.regressor
+        self.shared_decoder = twin.shared_decoder if twin.config.regressor_input != "latent" else None
+        self.with_mu = with_mu
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        mu, _ = self.shared_encoder(self.encoder(images))
+        features = mu if self.shared_decoder is None else self.shared_decoder(mu).flatten(1)
+        count = self.regressor(features)
+        return (count, mu) if self.with_mu else count
+
+
+def _orthogonal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+        nn.init.orthogonal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def set_trainable(modules: list[nn.Module], trainable: bool) -> None:
+    """Freeze or unfreeze modules; frozen modules also stay in eval mode (BatchNorm, dropout)."""
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad_(trainable)

@@ -1,0 +1,1 @@
+"""Training: twin loss, trainer, transfer strategies, checkpoints."""

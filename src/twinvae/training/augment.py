@@ -1,0 +1,68 @@
+"""Augmentation of whole batches on the training device, in one resampling pass.
+
+Flips, 90-degree rotations, small rotations, crop-and-resize and translation are combined into
+one affine transform per image and applied with a single ``grid_sample`` call; then zero-mean
+Gaussian noise is added. Applied to training batches only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from twinvae.config import AugmentConfig
+
+
+def augment_batch(
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Augment (N, 1, H, W) images in [0, 1]; returns a new tensor of the same shape."""
+    if not config.enabled:
+        return images
+    n, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device="cpu").mul(high - low).add(low)
+
+    angle = torch.zeros(n)
+    if config.rot90:
+        angle += torch.randint(0, 4, (n,), generator=generator).float() * (math.pi / 2)
+    if config.max_rotation_deg > 0:
+        angle += uniform(-config.max_rotation_deg, config.max_rotation_deg) * (math.pi / 180)
+    flip_x = torch.ones(n)
+    flip_y = torch.ones(n)
+    if config.flips:
+        flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    scale = uniform(config.crop_scale, 1.0)
+    # the crop window (side = scale) may sit anywhere inside the image
+    shift_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - scale)
+    shift_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - scale)
+
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip_x, -sin * flip_y, shift_x], dim=1),
+            torch.stack([sin * flip_x, cos * flip_y, shift_y], dim=1),
+        ],
+        dim=1,
+    ).to(device=device, dtype=images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if config.noise_std > 0:
+        if device.type == "cpu":
+            noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        else:  # the device's own generator (seeded by torch.manual_seed) avoids a host copy
+            noise = torch.randn_like(out)
+        out = (out + noise * config.noise_std).clamp_(0.0, 1.0)
+    return out
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a batch (for test-time augmentation)."""
+    views = []
+    for flipped in (images, images.flip(-1)):
+        views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
+    return views

@@ -1,0 +1,85 @@
+"""Device, precision and distributed set-up: CUDA when present, CPU otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from twinvae.config import TrainConfig
+from twinvae.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Mixed precision for the forward pass when the run asked for it."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+
+def select_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available, otherwise the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def select_precision(requested: str, device: torch.device) -> str:
+    """``auto``: fp16 autocast on CUDA, fp32 on the CPU; fp16 is refused on the CPU."""
+    if requested == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
+    return requested
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start DDP if needed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(config.device, local_rank)
+    if config.num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(config.num_threads)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return Runtime(device, select_precision(config.precision, device), rank, world_size)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,200 @@
+"""Trainer: run folder, metrics, exact resume, NaN handling, transfer strategies, DDP."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twinvae.config import ExperimentConfig, config_from_dict
+from twinvae.data.imageset import ImageSet
+from twinvae.training import trainer as trainer_module
+from twinvae.training.checkpoint import load_checkpoint
+from twinvae.training.data import TrainingData
+from twinvae.training.trainer import TrainingDiverged, train
+from twinvae.training.transfer import trainable_groups
+
+TINY_MODEL = {"base_channels": 4, "latent_dim": 8, "regressor_hidden": [8]}
+TIMING_COLUMNS = {"seconds", "images_per_second"}
+
+
+def _image_set(n: int, seed: int, domain: str = "natural", labelled_share: float = 1.0) -> ImageSet:
+    """Images whose bright area grows with the count, so the regressor has something to learn."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 9, n)
+    images = (rng.random((n, 128, 128)) * 40).astype(np.uint8)
+    for i, count in enumerate(counts):
+        images[i, : count * 8, :] += 120
+    counts[int(n * labelled_share) :] = 0
+    names = [f"e01xy{i % 4:02d}t{i:03d}c1.png" for i in range(n)]
+    return ImageSet(images, counts, names, domain=domain)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> TrainingData:
+    return TrainingData(
+        natural_train=_image_set(48, 0, labelled_share=0.5),
+        natural_val=_image_set(12, 1),
+        synthetic=_image_set(48, 2, "synthetic"),
+        synthetic_val=_image_set(12, 3, "synthetic"),
+    )
+
+
+def _config(**sections: dict) -> ExperimentConfig:
+    base = {
+        "model": TINY_MODEL,
+        "train": {"epochs": 3, "batch_size": 8, "steps_per_epoch": 3, "device": "cpu"},
+        "data": {"synthetic": "stored"},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return config_from_dict(base)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as stream:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(stream)]
+
+
+def test_run_folder_holds_config_metrics_and_checkpoints(tmp_path: Path, tiny_data: TrainingData) -> None:
+    config = _config()
+    result = train(config, tmp_path / "run", data=tiny_data, progress=False)
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert not list(run.glob("*.tmp"))
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["val_mae"]) >= 0 for r in rows)
+    best = load_checkpoint(run / "best.pt")
+    assert best.config == config
+    assert best.metrics["val_mae"] == pytest.approx(result.best_val_mae)
+    assert load_checkpoint(run / "last.pt").epoch == 2
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path, tiny_data: TrainingData) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not empty"):
+        train(_config(), run, data=tiny_data, progress=False)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_killed_run_resumes_to_identical_metrics(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config()
+    train(config, tmp_path / "straight", data=tiny_data, progress=False)
+
+    real_augment = trainer_module.augment_batch
+    calls = {"n": 0}
+
+    def killed_in_third_epoch(*args, **kwargs):  # two augment calls (natural, synthetic) per step
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 * 2 + 3:
+            raise KeyboardInterrupt
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "augment_batch", killed_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", data=tiny_data, progress=False)
+    assert len(_rows(tmp_path / "resumed")) == 2
+    monkeypatch.setattr(trainer_module, "augment_batch", real_augment)
+    train(config, tmp_path / "resumed", data=tiny_data, progress=False, resume=True)
+    assert _rows(tmp_path / "resumed") == _rows(tmp_path / "straight")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_loss = trainer_module.twin_domain_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        if calls["n"] > 2 * 3:  # the second epoch goes wrong
+            loss.total = loss.total * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_module, "twin_domain_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(_config(), tmp_path / "run", data=tiny_data, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 0
+    assert len(_rows(tmp_path / "run")) == 1
+
+
+def test_early_stopping(tmp_path: Path, tiny_data: TrainingData) -> None:
+    config = _config(train={"epochs": 30, "early_stopping_patience": 1}, optim={"lr": 1e-9})
+    result = train(config, tmp_path / "run", data=tiny_data, progress=False)
+    assert result.stopped_early
+    assert result.epochs_run < 30
+
+
+@pytest.mark.parametrize(
+    ("strategy", "frozen_prefixes"),
+    [
+        ("simultaneous", []),
+        ("frozen-outer", ["encoders.", "decoders."]),
+        ("frozen-core", ["shared_encoder.", "shared_decoder."]),
+    ],
+)
+def test_transfer_strategies_freeze_the_right_parameters(
+    tmp_path: Path, tiny_data: TrainingData, strategy: str, frozen_prefixes: list[str]
+) -> None:
+    source = train(_config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False)
+    before = load_checkpoint(source.last_checkpoint).model_state
+    config = _config(
+        transfer={"from_checkpoint": str(source.last_checkpoint), "strategy": strategy},
+        train={"epochs": 2},
+    )
+    train(config, tmp_path / "transfer", data=tiny_data, progress=False)
+    after = load_checkpoint(tmp_path / "transfer" / "last.pt").model_state
+    for name, tensor in before.items():
+        frozen = any(name.startswith(prefix) for prefix in frozen_prefixes)
+        if not torch.is_floating_point(tensor) or "running_" in name:
+            continue
+        if frozen:
+            assert torch.equal(tensor, after[name]), f"{strategy}: frozen {name} changed"
+    changed = [n for n in before if torch.is_floating_point(before[n]) and not torch.equal(before[n], after[n])]
+    assert any(n.startswith("regressor.") for n in changed)
+    if not frozen_prefixes:
+        assert any(n.startswith("encoders.") for n in changed)
+
+
+def test_thaw_unfreezes_stage_by_stage() -> None:
+    config = _config(transfer={"strategy": "thaw", "thaw_stages": [["regressor"], ["core"], ["outer"]]})
+    assert config.transfer is not None
+    stages = [trainable_groups(config.transfer, epoch, 6) for epoch in range(6)]
+    assert stages[0] == stages[1] == {"regressor"}
+    assert stages[2] == {"regressor", "core"}
+    assert stages[5] == {"regressor", "core", "outer"}
+
+
+def test_decoder_off_and_natural_only_run(tmp_path: Path, tiny_data: TrainingData) -> None:
+    config = _config(loss={"decoder_off": True}, data={"synthetic": None, "natural_only": True})
+    train(config, tmp_path / "run", data=tiny_data, progress=False)
+    rows = _rows(tmp_path / "run")
+    assert all(float(r["natural_rec"]) == 0.0 for r in rows)
+    assert all(r["synthetic_reg"] == "" for r in rows)
+
+
+def test_double_transfer_runs_both_legs(tmp_path: Path, tiny_data: TrainingData, monkeypatch) -> None:
+    from twinvae.training import runner
+
+    source = train(_config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False)
+    monkeypatch.setattr(
+        runner, "train", lambda cfg, run_dir, progress: train(cfg, run_dir, data=tiny_data, progress=False)
+    )
+    config = _config(
+        train={"epochs": 1},
+        transfer={"second_stage": {"epochs": 1, "data": {"modality": "pc"}, "strategy": "frozen-core"}},
+    )
+    results = runner.run_transfer(config, source.last_checkpoint, tmp_path / "double", progress=False)
+    assert [r.run_dir.name for r in results] == ["leg1", "leg2"]
+    leg2 = load_checkpoint(tmp_path / "double" / "leg2" / "last.pt").config
+    assert leg2.transfer is not None and leg2.transfer.strategy == "frozen-core"
+    assert leg2.transfer.from_checkpoint == str(tmp_path / "double" / "leg1" / "best.pt")
