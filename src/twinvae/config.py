@@ -35,6 +35,9 @@ class DataConfig(_Strict):
         120, ge=1, description="how many of the generated natural images keep their label"
     )
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="labelled share for validation")
+    split_by: Literal["chamber", "file"] = Field(
+        "chamber", description="cut validation by chamber (xy position) or, for other names, by file"
+    )
     split_seed: int = 0
     skip_bad: bool = False
     resize: bool = False
@@ -45,6 +48,11 @@ class DataConfig(_Strict):
     )
     synthetic_generator: dict[str, Any] = Field(
         default_factory=dict, description="overrides for the synthetic generator (SynthConfig)"
+    )
+    synthetic_background: str = Field(
+        "natural-mean",
+        description="background of generated synthetic images: 'natural-mean' (per-pixel mean of "
+        "natural training images with < 5 cells; flat when there are none), 'flat', or an image path",
     )
     synthetic_ratio: float = Field(
         1.0, ge=0.25, le=10.0, description="synthetic images per natural image in each step"

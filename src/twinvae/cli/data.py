@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from twinvae.cli.common import console, err_console
 from twinvae.data.readers import NamedSet, SkippedInputWarning, load_splits, summarize
@@ -141,7 +142,7 @@ def info(
         )
     for warning in caught:
         if issubclass(warning.category, SkippedInputWarning):
-            err_console.print(f"[yellow]Warning:[/] {warning.message}", highlight=False)
+            err_console.print(Text("Warning: ", style="yellow") + Text(str(warning.message)))
         else:
             warnings.warn_explicit(
                 warning.message, warning.category, warning.filename, warning.lineno

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from twinvae import __version__
 from twinvae.cli import data, demo, export, knime, synth, train, zoo
@@ -43,19 +44,7 @@ for module in (synth, data, train, export, zoo, knime, demo):
 def main() -> None:
     """Run the CLI; user errors become one red line and exit code 1, not a traceback."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone mode: usage errors are reported by typer itself (exit code 2)
     except TwinVAEError as error:
-        err_console.print(f"[bold red]Error:[/] {error}", highlight=False)
+        err_console.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False)
         sys.exit(1)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        err_console.print("Aborted.")
-        sys.exit(130)
-    except Exception as error:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise

@@ -21,6 +21,7 @@ class TrainingData:
     natural_val: ImageSet
     synthetic: ImageSet | None
     synthetic_val: ImageSet | None
+    synthetic_background: np.ndarray | None = None
 
 
 def synth_config(data: DataConfig, style: str = "synthetic"):  # type: ignore[no-untyped-def]
@@ -64,7 +65,7 @@ def prepare_data(data: DataConfig, seed: int) -> TrainingData:
     from twinvae.data.splits import split_by_chamber
 
     natural = load_natural(data, seed)
-    group_by = "chamber" if data.natural is not None else "file"
+    group_by = data.split_by if data.natural is not None else "file"
     train, val = split_by_chamber(
         natural, val_fraction=data.val_fraction, seed=data.split_seed, group_by=group_by
     )
@@ -72,17 +73,32 @@ def prepare_data(data: DataConfig, seed: int) -> TrainingData:
         raise DataError(f"{data.natural}: the validation split holds no labelled image")
     synthetic: ImageSet | None = None
     synthetic_val: ImageSet | None = None
+    background: np.ndarray | None = None
     if not data.natural_only:
         from twinvae.data.synthetic import generate
 
-        synthetic_val = generate(synth_config(data), 256, seed=seed + 7919)
+        background = synthetic_background(data, train)
+        synthetic_val = generate(synth_config(data), 256, seed=seed + 7919, background=background)
         if data.synthetic is not None:
             from twinvae.data.readers import read_image_folder
 
             synthetic = read_image_folder(Path(data.synthetic), max_count=data.max_count)
             if not synthetic.labelled.all():
                 raise DataError(f"{data.synthetic}: every synthetic image needs a count")
-    return TrainingData(train, val, synthetic, synthetic_val)
+    return TrainingData(train, val, synthetic, synthetic_val, background)
+
+
+def synthetic_background(data: DataConfig, natural_train: ImageSet) -> np.ndarray | None:
+    """The generator background chosen by ``data.synthetic_background`` (None = flat)."""
+    from twinvae.data.synthetic import background_from_natural, load_background
+
+    choice = data.synthetic_background
+    if choice == "flat" or (choice == "natural-mean" and data.natural is None):
+        return None
+    if choice == "natural-mean":
+        few_cells = natural_train.labelled & (natural_train.counts < 5)
+        return background_from_natural(natural_train) if few_cells.any() else None
+    return load_background(Path(choice))
 
 
 class NaturalSampler:
@@ -112,9 +128,16 @@ class NaturalSampler:
 class SyntheticSource:
     """Synthetic batches from a stored set, or generated on the fly from (seed, epoch, step)."""
 
-    def __init__(self, data: DataConfig, stored: ImageSet | None, seed: int) -> None:
+    def __init__(
+        self,
+        data: DataConfig,
+        stored: ImageSet | None,
+        seed: int,
+        background: np.ndarray | None = None,
+    ) -> None:
         self.stored = stored
         self.seed = seed
+        self.background = background
         self.config = None if stored is not None else synth_config(data)
 
     def batch(
@@ -127,7 +150,7 @@ class SyntheticSource:
         from twinvae.data.synthetic import generate
 
         batch_seed = int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
-        generated = generate(self.config, size, seed=batch_seed)
+        generated = generate(self.config, size, seed=batch_seed, background=self.background)
         return generated.images, generated.counts
 
 

@@ -223,7 +223,9 @@ class Trainer:
         self.synthetic = (
             None
             if config.data.natural_only
-            else SyntheticSource(config.data, self.data.synthetic, config.train.seed)
+            else SyntheticSource(
+                config.data, self.data.synthetic, config.train.seed, self.data.synthetic_background
+            )
         )
         n_natural = len(self.data.natural_train)
         self.steps_per_epoch = config.train.steps_per_epoch or max(

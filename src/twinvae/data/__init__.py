@@ -1,0 +1,1 @@
+"""Data: readers for real image sets, chamber splits, set names and the synthetic generator."""
