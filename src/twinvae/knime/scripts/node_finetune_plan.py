@@ -1,0 +1,18 @@
+"""Check the inputs and plan the twinvae command lines (transfer, export, evaluate)."""
+
+import sys
+from pathlib import Path
+
+import knime.scripting.io as knio
+
+try:
+    DATA = Path(knio.get_workflow_data_area_dir())
+except AttributeError:  # KNIME versions without the data-area helper
+    DATA = Path(knio.flow_variables["context.workflow.absolute-path"]) / "data"
+if str(DATA) not in sys.path:
+    sys.path.insert(0, str(DATA))
+import twinvae_knime as tk
+
+plan = tk.finetune_plan(knio.flow_variables, DATA.parent)
+print(plan["command"].str.cat(sep="\n"))
+knio.output_tables[0] = knio.Table.from_pandas(plan)
