@@ -44,19 +44,29 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     from test_training import _config, _image_set
-
     from twinvae.training.data import TrainingData
     from twinvae.training.trainer import Trainer
 
     data = TrainingData(
-        _image_set(32, 0, labelled_share=0.5), _image_set(8, 1), _image_set(32, 2, "synthetic"), None
+        _image_set(32, 0, labelled_share=0.5),
+        _image_set(8, 1),
+        _image_set(32, 2, "synthetic"),
+        None,
     )
-    trainer = Trainer(_config(train={"epochs": 2, "steps_per_epoch": 2}), Path(out) / "run", data=data, progress=False)
+    trainer = Trainer(
+        _config(train={"epochs": 2, "steps_per_epoch": 2}),
+        Path(out) / "run",
+        data=data,
+        progress=False,
+    )
     trainer.fit()
     torch.save(trainer.model.state_dict(), Path(out) / f"rank{rank}.pt")
 

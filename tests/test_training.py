@@ -56,10 +56,14 @@ def _config(**sections: dict) -> ExperimentConfig:
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "metrics.csv").open() as stream:
-        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(stream)]
+        return [
+            {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(stream)
+        ]
 
 
-def test_run_folder_holds_config_metrics_and_checkpoints(tmp_path: Path, tiny_data: TrainingData) -> None:
+def test_run_folder_holds_config_metrics_and_checkpoints(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
     config = _config()
     result = train(config, tmp_path / "run", data=tiny_data, progress=False)
     run = tmp_path / "run"
@@ -145,7 +149,9 @@ def test_early_stopping(tmp_path: Path, tiny_data: TrainingData) -> None:
 def test_transfer_strategies_freeze_the_right_parameters(
     tmp_path: Path, tiny_data: TrainingData, strategy: str, frozen_prefixes: list[str]
 ) -> None:
-    source = train(_config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False)
+    source = train(
+        _config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False
+    )
     before = load_checkpoint(source.last_checkpoint).model_state
     config = _config(
         transfer={"from_checkpoint": str(source.last_checkpoint), "strategy": strategy},
@@ -159,14 +165,20 @@ def test_transfer_strategies_freeze_the_right_parameters(
             continue
         if frozen:
             assert torch.equal(tensor, after[name]), f"{strategy}: frozen {name} changed"
-    changed = [n for n in before if torch.is_floating_point(before[n]) and not torch.equal(before[n], after[n])]
+    changed = [
+        n
+        for n in before
+        if torch.is_floating_point(before[n]) and not torch.equal(before[n], after[n])
+    ]
     assert any(n.startswith("regressor.") for n in changed)
     if not frozen_prefixes:
         assert any(n.startswith("encoders.") for n in changed)
 
 
 def test_thaw_unfreezes_stage_by_stage() -> None:
-    config = _config(transfer={"strategy": "thaw", "thaw_stages": [["regressor"], ["core"], ["outer"]]})
+    config = _config(
+        transfer={"strategy": "thaw", "thaw_stages": [["regressor"], ["core"], ["outer"]]}
+    )
     assert config.transfer is not None
     stages = [trainable_groups(config.transfer, epoch, 6) for epoch in range(6)]
     assert stages[0] == stages[1] == {"regressor"}
@@ -182,18 +194,28 @@ def test_decoder_off_and_natural_only_run(tmp_path: Path, tiny_data: TrainingDat
     assert all(r["synthetic_reg"] == "" for r in rows)
 
 
-def test_double_transfer_runs_both_legs(tmp_path: Path, tiny_data: TrainingData, monkeypatch) -> None:
+def test_double_transfer_runs_both_legs(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch
+) -> None:
     from twinvae.training import runner
 
-    source = train(_config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False)
+    source = train(
+        _config(train={"epochs": 1}), tmp_path / "source", data=tiny_data, progress=False
+    )
     monkeypatch.setattr(
-        runner, "train", lambda cfg, run_dir, progress: train(cfg, run_dir, data=tiny_data, progress=False)
+        runner,
+        "train",
+        lambda cfg, run_dir, progress: train(cfg, run_dir, data=tiny_data, progress=False),
     )
     config = _config(
         train={"epochs": 1},
-        transfer={"second_stage": {"epochs": 1, "data": {"modality": "pc"}, "strategy": "frozen-core"}},
+        transfer={
+            "second_stage": {"epochs": 1, "data": {"modality": "pc"}, "strategy": "frozen-core"}
+        },
     )
-    results = runner.run_transfer(config, source.last_checkpoint, tmp_path / "double", progress=False)
+    results = runner.run_transfer(
+        config, source.last_checkpoint, tmp_path / "double", progress=False
+    )
     assert [r.run_dir.name for r in results] == ["leg1", "leg2"]
     leg2 = load_checkpoint(tmp_path / "double" / "leg2" / "last.pt").config
     assert leg2.transfer is not None and leg2.transfer.strategy == "frozen-core"

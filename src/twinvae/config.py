@@ -1,4 +1,4 @@
-"""The validated configuration tree of a twinvae run, saved as YAML with every run and checkpoint."""
+"""The validated configuration tree of a run, saved as YAML with every run and checkpoint."""
 
 from __future__ import annotations
 
@@ -9,13 +9,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twinvae.errors import ConfigError
-from twinvae.models.twin_vae import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Sizes and variants of the Twin-VAE."""
+
+    base_channels: int = Field(32, ge=1, description="channels of the first outer conv layer")
+    latent_dim: int = Field(256, ge=1, description="size of mu / logvar / z")
+    regressor_hidden: tuple[int, ...] = Field((256, 128), description="hidden regressor widths")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    leaky_slope: float = Field(0.2, ge=0.0)
+    regressor_input: Literal["latent", "shared_decoder"] = Field(
+        "latent", description="feed the regressor mu, or the shared decoder output (paper variant)"
+    )
+    init: Literal["default", "orthogonal"] = "default"
 
 
 class DataConfig(_Strict):
@@ -36,7 +49,8 @@ class DataConfig(_Strict):
     )
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="labelled share for validation")
     split_by: Literal["chamber", "file"] = Field(
-        "chamber", description="cut validation by chamber (xy position) or, for other names, by file"
+        "chamber",
+        description="cut validation by chamber (xy position) or, for other names, by file",
     )
     split_seed: int = 0
     skip_bad: bool = False
@@ -51,8 +65,8 @@ class DataConfig(_Strict):
     )
     synthetic_background: str = Field(
         "natural-mean",
-        description="background of generated synthetic images: 'natural-mean' (per-pixel mean of "
-        "natural training images with < 5 cells; flat when there are none), 'flat', or an image path",
+        description="background of generated synthetic images: 'natural-mean' (per-pixel mean "
+        "of natural training images with < 5 cells; flat when there are none), 'flat', or a path",
     )
     synthetic_ratio: float = Field(
         1.0, ge=0.25, le=10.0, description="synthetic images per natural image in each step"

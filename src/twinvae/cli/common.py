@@ -42,7 +42,9 @@ def make_progress(enabled: bool = True) -> Progress:
     )
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+def track(
+    items: Iterable[T], description: str, total: int | None = None, enabled: bool = True
+) -> Iterator[T]:
     """Iterate with a progress bar."""
     with make_progress(enabled) as progress:
         task = progress.add_task(description, total=total)

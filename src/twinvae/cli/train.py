@@ -12,6 +12,8 @@ from rich.table import Table
 
 from twinvae.cli.common import console
 from twinvae.config import ExperimentConfig, builtin_configs, load_config
+from twinvae.data.imageset import ImageSet
+from twinvae.data.readers import Split
 from twinvae.errors import ConfigError, DataError
 
 STRATEGIES = ["simultaneous", "frozen-outer", "frozen-core", "thaw"]
@@ -20,7 +22,9 @@ CONFIG_HELP = (
     "YAML config file, or the name of a builtin config: paper-pc, paper-bf, transfer-pc-to-bf, "
     "double-transfer, quick-cpu."
 )
-SET_HELP = "Override one config value, e.g. --set train.epochs=5 --set data.natural=path (repeatable)."
+SET_HELP = (
+    "Override one config value, e.g. --set train.epochs=5 --set data.natural=path (repeatable)."
+)
 
 
 def _default_run_dir(config: ExperimentConfig) -> Path:
@@ -32,7 +36,19 @@ def _print_result_table(rows: list[dict[str, Any]], title: str) -> None:
     for column in ("epoch", "loss", "val_mae", "val_mre", "val_accuracy", "images_per_second"):
         table.add_column(column, justify="right")
     for row in rows[-10:]:
-        table.add_row(*(_fmt(row.get(c, "")) for c in ("epoch", "loss", "val_mae", "val_mre", "val_accuracy", "images_per_second")))
+        table.add_row(
+            *(
+                _fmt(row.get(c, ""))
+                for c in (
+                    "epoch",
+                    "loss",
+                    "val_mae",
+                    "val_mre",
+                    "val_accuracy",
+                    "images_per_second",
+                )
+            )
+        )
     console.print(table)
 
 
@@ -47,11 +63,13 @@ def train_command(
         None, "--out", "-o", help="Run folder to create (default: runs/<name>-<date>-<time>)."
     ),
     resume: Path | None = typer.Option(
-        None, "--resume", help="Continue the run in this folder from its last.pt (config is taken from the run)."
+        None,
+        "--resume",
+        help="Continue the run in this folder from its last.pt (config is taken from the run).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a Twin-VAE; writes config.yaml, metrics.csv, last.pt and best.pt into the run folder."""
+    """Train a Twin-VAE; the run folder gets config.yaml, metrics.csv, last.pt and best.pt."""
     from twinvae.training.trainer import train
 
     if resume is not None:
@@ -69,14 +87,22 @@ def train_command(
 
 
 def transfer_command(
-    source: Path = typer.Option(..., "--from", help="Checkpoint (best.pt / last.pt) or run folder to start from."),
+    source: Path = typer.Option(
+        ..., "--from", help="Checkpoint (best.pt / last.pt) or run folder to start from."
+    ),
     config: str = typer.Option("transfer-pc-to-bf", "--config", "-c", help=CONFIG_HELP),
     strategy: str | None = typer.Option(
-        None, "--strategy", help=f"Transfer strategy: {', '.join(STRATEGIES)} (default: from the config)."
+        None,
+        "--strategy",
+        help=f"Transfer strategy: {', '.join(STRATEGIES)} (default: from the config).",
     ),
     overrides: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    no_decoder: bool = typer.Option(False, "--no-decoder", help="Switch the decoders off (C_rec = 0, section 4.1)."),
-    natural_only: bool = typer.Option(False, "--natural-only", help="Train without the synthetic twin."),
+    no_decoder: bool = typer.Option(
+        False, "--no-decoder", help="Switch the decoders off (C_rec = 0, section 4.1)."
+    ),
+    natural_only: bool = typer.Option(
+        False, "--natural-only", help="Train without the synthetic twin."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder to create."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -96,23 +122,37 @@ def transfer_command(
     results = run_transfer(cfg, source, out or _default_run_dir(cfg), progress=progress)
     for result in results:
         _print_result_table(result.history, f"run {result.run_dir}")
-        console.print(f"best validation MAE {result.best_val_mae:.3f}; checkpoints in {result.run_dir}")
+        console.print(
+            f"best validation MAE {result.best_val_mae:.3f}; checkpoints in {result.run_dir}"
+        )
 
 
 def evaluate_command(
     model: Path = typer.Argument(..., help="Checkpoint, run folder, or bioimage.io bundle (.zip)."),
     data: str = typer.Option(
-        ..., "--data", "-d",
+        ...,
+        "--data",
+        "-d",
         help="Labelled images: a CHO-K1 modality folder (with --split), a CSV file, a folder with "
         "counts.csv, or a paper set name such as Nat-PC-L-Te (then --data-root is used).",
     ),
-    split: str = typer.Option("test", "--split", help="train or test, for CHO-K1 modality folders."),
-    data_root: Path = typer.Option(
-        Path("../shared/data/cho-k1"), "--data-root", help="Folder with bf/ and pc/, for paper set names."
+    split: Split = typer.Option(
+        "test", "--split", help="train or test, for CHO-K1 modality folders."
     ),
-    tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations (checkpoints only)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the full report (with per-count metrics) as JSON."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --json file."),
+    data_root: Path = typer.Option(
+        Path("../shared/data/cho-k1"),
+        "--data-root",
+        help="Folder with bf/ and pc/, for paper set names.",
+    ),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average the 8 flips/rotations (checkpoints only)."
+    ),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Write the full report (with per-count metrics) as JSON."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Allow replacing an existing --json file."
+    ),
 ) -> None:
     """MAE, MRE and exact-count accuracy of a model on labelled images, overall and per count."""
     from twinvae.evaluation.evaluate import evaluate
@@ -125,14 +165,19 @@ def evaluate_command(
     table = Table(title=f"{model} on {data}")
     for column in ("images", "MAE", "MRE %", "accuracy %"):
         table.add_column(column, justify="right")
-    table.add_row(str(int(overall["n"])), f"{overall['mae']:.3f}", f"{100 * overall['mre']:.2f}", f"{100 * overall['accuracy']:.1f}")
+    table.add_row(
+        str(int(overall["n"])),
+        f"{overall['mae']:.3f}",
+        f"{100 * overall['mre']:.2f}",
+        f"{100 * overall['accuracy']:.1f}",
+    )
     console.print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
         console.print(f"report written to {json_out}")
 
 
-def _load_eval_set(data: str, split: str, data_root: Path):  # type: ignore[no-untyped-def]
+def _load_eval_set(data: str, split: Split, data_root: Path) -> ImageSet:
     from twinvae.data.readers import load_image_set
     from twinvae.data.setnames import resolve_set_name
 

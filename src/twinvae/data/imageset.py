@@ -33,7 +33,9 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 3:
-            raise ValueError(f"images must be (N, H, W) uint8, got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be (N, H, W) uint8, got {self.images.dtype} {self.images.shape}"
+            )
         self.counts = np.asarray(self.counts, dtype=np.int16)
         if self.counts.shape != (len(self.images),) or len(self.names) != len(self.images):
             raise ValueError(

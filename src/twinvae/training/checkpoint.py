@@ -102,6 +102,8 @@ def load_model(path: str | Path) -> tuple[TwinVAE, Checkpoint]:
     try:
         model.load_state_dict(checkpoint.model_state)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the configured model: {error}") from error
+        raise CheckpointError(
+            f"{path}: weights do not fit the configured model: {error}"
+        ) from error
     model.eval()
     return model, checkpoint

@@ -10,6 +10,7 @@ import torch
 
 from twinvae.config import DataConfig
 from twinvae.data.imageset import ImageSet
+from twinvae.data.synthetic import SynthConfig
 from twinvae.errors import DataError
 
 
@@ -24,16 +25,14 @@ class TrainingData:
     synthetic_background: np.ndarray | None = None
 
 
-def synth_config(data: DataConfig, style: str = "synthetic"):  # type: ignore[no-untyped-def]
+def synth_config(data: DataConfig, style: str = "synthetic") -> SynthConfig:
     """The generator config of this run (modality defaults + user overrides)."""
-    from twinvae.data.synthetic import SynthConfig
-
     overrides = {**data.synthetic_generator, "style": style}
     return SynthConfig.for_modality(data.modality, **overrides)
 
 
 def generated_natural_set(data: DataConfig, seed: int) -> ImageSet:
-    """Natural-looking generated images; only the first ``generated_natural_labelled`` keep labels."""
+    """Generated natural-looking images; the first ``generated_natural_labelled`` keep labels."""
     from twinvae.data.synthetic import generate
 
     images = generate(synth_config(data, "natural"), data.generated_natural_count, seed=seed + 101)
@@ -114,7 +113,9 @@ class NaturalSampler:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         if self.labelled_fraction is None or len(self.unlabelled_index) == 0:
-            return rng.choice(self.all_index, size=batch_size, replace=len(self.all_index) < batch_size)
+            return rng.choice(
+                self.all_index, size=batch_size, replace=len(self.all_index) < batch_size
+            )
         n_labelled = max(1, round(batch_size * self.labelled_fraction))
         labelled = rng.choice(self.labelled_index, size=n_labelled, replace=True)
         unlabelled = rng.choice(
@@ -138,7 +139,7 @@ class SyntheticSource:
         self.stored = stored
         self.seed = seed
         self.background = background
-        self.config = None if stored is not None else synth_config(data)
+        self.config = synth_config(data)
 
     def batch(
         self, size: int, key: tuple[int, ...], rng: np.random.Generator

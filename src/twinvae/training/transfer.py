@@ -39,7 +39,12 @@ def apply_trainable(model: TwinVAE, groups: set[str]) -> list[nn.Module]:
         set_trainable(named[group], True)
     return [
         module
-        for module in (*model.encoders.values(), *model.decoders.values(), model.shared_encoder,
-                       model.shared_decoder, model.regressor)
+        for module in (
+            *model.encoders.values(),
+            *model.decoders.values(),
+            model.shared_encoder,
+            model.shared_decoder,
+            model.regressor,
+        )
         if not any(p.requires_grad for p in module.parameters())
     ]
