@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from twinvae import __version__
-from twinvae.cli import data, demo, export, knime, synth, train, zoo
+from twinvae.cli import data, demo, experiment, export, knime, synth, train, zoo
 from twinvae.cli.common import err_console
 from twinvae.errors import TwinVAEError
 
@@ -41,7 +41,7 @@ def _root(
     """Twin-VAE cell counting for bright-field (BF) and phase-contrast (PC) microscopy."""
 
 
-for module in (synth, data, train, export, zoo, knime, demo):
+for module in (synth, data, train, export, zoo, knime, experiment, demo):
     module.register(app)
 
 
