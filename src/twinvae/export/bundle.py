@@ -1,0 +1,365 @@
+"""Build a bioimage.io model bundle (zip) from a checkpoint, validate it, then write it.
+
+The zip is built in a temporary folder next to the destination and only moved into place after
+every check in :mod:`twinvae.export.checks` passed: a failed export leaves no file behind, and an
+existing file is never replaced unless ``overwrite`` is set.
+
+Reproducibility: the zip has fixed member order, timestamps and permissions, the description's
+timestamp comes from the options (or SOURCE_DATE_EPOCH), and the ONNX, TorchScript and state-dict
+files are written under fixed names, which makes them byte-identical for the same weights with the
+same torch / onnx / onnxscript versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+import yaml
+from torch import nn
+
+from twinvae import __version__
+from twinvae.config import ExperimentConfig
+from twinvae.errors import ExportError
+from twinvae.export import checks
+from twinvae.export.docs import DocContext, documentation, write_cover
+from twinvae.export.formats import FORMATS, PARENT_FORMAT, Runner
+from twinvae.export.formats.base import as_output_list
+from twinvae.export.images import CheckImages, load_check_images, to_model_space
+from twinvae.export.network import COUNT_ID, NetworkSpec, build_network, network_state
+from twinvae.export.rdf import (
+    CONFIG_FILE,
+    COVER_FILE,
+    DOCUMENTATION_FILE,
+    RDF_NAME,
+    SAMPLE_INPUT_FILE,
+    TEST_INPUT_FILE,
+    BundleMetadata,
+    build_rdf,
+    default_name,
+    sample_output_file,
+    test_output_file,
+)
+
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+COMPRESSED_SUFFIXES = frozenset({".yaml", ".md", ".py", ".json", ".txt"})
+
+
+@dataclass
+class ExportSource:
+    """The weights of the counting path and what is known about how they were trained."""
+
+    config: ExperimentConfig
+    state: dict[str, torch.Tensor]
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    origin: str = ""
+
+
+@dataclass
+class ExportOptions:
+    """How to export; metadata goes into rdf.yaml and the documentation."""
+
+    with_mu: bool = False
+    data: Path | None = None
+    images: CheckImages | None = None
+    """Check images to use as they are (instead of reading `data` or generating images)."""
+    check_images: int = 16
+    seed: int = 0
+    tolerance: float = checks.DEFAULT_TOLERANCE
+    overwrite: bool = False
+    metadata: BundleMetadata = field(default_factory=BundleMetadata)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sha256: str
+    report: checks.ValidationReport
+    seconds: float
+    test_prediction: float
+
+
+def source_from_checkpoint(path: Path | str) -> ExportSource:
+    """Load a checkpoint (file or run folder) and keep the natural counting path's weights."""
+    from twinvae.training.checkpoint import load_model
+
+    twin, checkpoint = load_model(path)
+    return ExportSource(
+        config=checkpoint.config,
+        state=network_state(twin),
+        epoch=checkpoint.epoch,
+        metrics={k: float(v) for k, v in checkpoint.metrics.items() if _is_number(v)},
+        origin=str(path),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def load_metrics_json(path: Path) -> dict[str, float]:
+    """Metrics from JSON: a `twinvae evaluate --json` report (its `overall` metrics), or an
+    object of metric name -> number (nested objects are flattened as `outer.inner`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ExportError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object of metric name -> number")
+    if isinstance(data.get("overall"), dict) and "predictions" in data:
+        data = data["overall"]
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(f"{name}.", value)
+            elif _is_number(value):
+                flat[name] = float(value)
+            else:
+                raise ExportError(f"{path}: metric {name!r} is {value!r}, expected a number")
+
+    walk("", data)
+    return flat
+
+
+def resolve_timestamp(timestamp: datetime | None) -> datetime:
+    """The given time, else SOURCE_DATE_EPOCH (reproducible builds), else now; UTC, whole s."""
+    if timestamp is None:
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        timestamp = datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return timestamp.astimezone(UTC).replace(microsecond=0)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_reproducible_zip(folder: Path, target: Path) -> None:
+    """Zip every file of folder (flat), rdf.yaml first, with fixed order, time and modes.
+
+    Text is deflated; binary files (weights, arrays, images) are stored: float weights hardly
+    compress, and every reader (bioimageio, KNIME) then loads them without inflating ~50 MB.
+    """
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    names.sort(key=lambda name: name != RDF_NAME)
+    with zipfile.ZipFile(target, "w") as archive:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+            compress = Path(name).suffix in COMPRESSED_SUFFIXES
+            info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, (folder / name).read_bytes(), compresslevel=6)
+
+
+def _reference_runner(network: nn.Module) -> Runner:
+    def run(images: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            return as_output_list(network(torch.from_numpy(np.ascontiguousarray(images))))
+
+    return run
+
+
+def build_package_folder(
+    source: ExportSource,
+    folder: Path,
+    options: ExportOptions,
+    images: CheckImages,
+    bundle_file: str,
+) -> tuple[Runner, np.ndarray, float]:
+    """Write every bundle file and rdf.yaml into folder.
+
+    Returns the PyTorch reference runner, the model-space check images and the test prediction.
+    """
+    spec = NetworkSpec(source.config.model, with_mu=options.with_mu)
+    network = build_network(spec, source.state)
+    reference = _reference_runner(network)
+    model_images = to_model_space(images.images)
+    raw_test = images.images[:1, None].astype(np.float32)
+    test_outputs = dict(zip(spec.output_ids, reference(model_images[:1]), strict=True))
+
+    np.save(folder / TEST_INPUT_FILE, raw_test, allow_pickle=False)
+    tifffile.imwrite(folder / SAMPLE_INPUT_FILE, images.images[0])
+    for output_id, values in test_outputs.items():
+        np.save(folder / test_output_file(output_id), values, allow_pickle=False)
+        tifffile.imwrite(folder / sample_output_file(output_id), values)
+
+    # batch 2 so that tracing and export cannot specialise the batch size to 1
+    example = torch.from_numpy(np.ascontiguousarray(model_images[:2]))
+    if example.shape[0] < 2:
+        example = torch.cat([example, example])
+    weights: dict[str, dict[str, Any]] = {}
+    for weight_format in FORMATS:
+        entry = weight_format.write(network, spec, folder, example)
+        if weight_format.name != PARENT_FORMAT:
+            entry["parent"] = PARENT_FORMAT
+        weights[weight_format.name] = entry
+
+    metadata = options.metadata
+    name = metadata.name or default_name(source.config.data.modality)
+    prediction = float(test_outputs[COUNT_ID].reshape(-1)[0])
+    label = int(images.counts[0])
+    source.config.save(folder / CONFIG_FILE)
+    write_cover(
+        folder / COVER_FILE, images.images[0], prediction, label, source.config.data.modality
+    )
+    (folder / DOCUMENTATION_FILE).write_text(
+        documentation(
+            DocContext(
+                name=name,
+                bundle_file=bundle_file,
+                spec=spec,
+                config=source.config,
+                epoch=source.epoch,
+                source=source.origin or "a twinvae checkpoint",
+                checkpoint_metrics=source.metrics,
+                extra_metrics=metadata.extra_metrics,
+                extra_metrics_title=metadata.metrics_title,
+                check_origin=images.origin,
+                check_image_count=len(images),
+                tolerance=options.tolerance,
+                test_label=label,
+                test_prediction=prediction,
+                license=metadata.license,
+                authors=metadata.authors,
+                twinvae_version=__version__,
+                notes=[]
+                if not images.generated
+                else ["The export checks ran on generated images, not on real labelled ones."],
+            )
+        ),
+        encoding="utf-8",
+    )
+
+    hashes = {p.name: sha256_file(p) for p in folder.iterdir() if p.is_file()}
+    for entry in weights.values():
+        entry["sha256"] = hashes[entry["source"]]
+        architecture = entry.get("architecture")
+        if isinstance(architecture, dict):
+            architecture["sha256"] = hashes[architecture["source"]]
+    rdf = build_rdf(
+        spec=spec,
+        config=source.config,
+        metadata=metadata,
+        hashes=hashes,
+        weights=weights,
+        test_outputs=test_outputs,
+        parameter_count=sum(p.numel() for p in network.parameters()),
+        epoch=source.epoch,
+        timestamp=resolve_timestamp(metadata.timestamp),
+        twinvae_info={"twinvae_version": __version__, "exported_from": source.origin},
+    )
+    (folder / RDF_NAME).write_text(
+        yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8"
+    )
+    return reference, model_images, prediction
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.suffix.lower() != ".zip":
+        raise ExportError(f"{out}: the bundle file name must end in .zip")
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; give the path of the .zip to write")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: file exists; choose another name or pass --overwrite")
+
+
+def _move_into_place(built: Path, out: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(built, out)
+        return
+    try:
+        os.link(built, out)  # fails if out appeared meanwhile: never clobber
+    except FileExistsError:
+        raise ExportError(f"{out}: file exists; choose another name or pass --overwrite") from None
+    except OSError:
+        if out.exists():
+            raise ExportError(
+                f"{out}: file exists; choose another name or pass --overwrite"
+            ) from None
+        os.replace(built, out)
+
+
+def export_source(
+    source: ExportSource,
+    out: Path | str,
+    options: ExportOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Build, validate and write the bundle of `source` to `out` (a .zip path)."""
+    options = options or ExportOptions()
+    out = Path(out)
+    _check_destination(out, options.overwrite)
+    start = time.perf_counter()
+    say = progress or (lambda _message: None)
+    say("choosing test images")
+    images = options.images
+    if images is None:
+        images = load_check_images(
+            options.data, source.config.data.modality, options.check_images, options.seed
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".export", dir=out.parent))
+    try:
+        folder = scratch / "bundle"
+        folder.mkdir()
+        say("writing weights (state dict, TorchScript, ONNX), docs and cover")
+        reference, model_images, prediction = build_package_folder(
+            source, folder, options, images, out.name
+        )
+        built = scratch / out.name
+        write_reproducible_zip(folder, built)
+        report = checks.validate_bundle(
+            built,
+            images=model_images,
+            reference=reference,
+            tolerance=options.tolerance,
+            progress=lambda name: say(f"check: {name}"),
+        )
+        checks.require_valid(report)
+        digest = sha256_file(built)
+        _move_into_place(built, out, options.overwrite)
+        report.bundle = out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult(
+        path=out,
+        sha256=digest,
+        report=report,
+        seconds=time.perf_counter() - start,
+        test_prediction=prediction,
+    )
+
+
+def export_bundle(
+    checkpoint: Path | str,
+    out: Path | str,
+    options: ExportOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """`twinvae export`: checkpoint (file or run folder) -> validated bundle zip at `out`."""
+    options = options or ExportOptions()
+    _check_destination(Path(out), options.overwrite)
+    return export_source(source_from_checkpoint(checkpoint), out, options, progress)

@@ -1,0 +1,571 @@
+"""Validation of a twinvae bioimage.io bundle (zip): every check export runs before writing.
+
+Checks, in order (a failed package check stops the rest):
+
+1. package      the zip opens, rdf.yaml is at its top level, member names are safe
+2. files        every file rdf.yaml names is in the zip and matches its sha256
+3. contract     input `raw` (batch, 1 channel, 128 x 128, /255 preprocessing), output `count`
+                (batch, 1), the three weight formats with pytorch_state_dict as parent
+4. bioimageio format   bioimageio.spec validates the description (with file checks)
+5. onnx         ONNX checker, opset >= 17, one self-contained file, dynamic batch axis
+6. agreement    every weight format gives the reference's outputs within the tolerance on the
+                check images, and the reference reproduces the bundle's test output
+7. bioimageio.core test (<format>), one per weight format: bioimage.io's own model test
+
+Validation runs the bundle's weights and its architecture source file (as `bioimageio test`
+does): only validate bundles whose code you are willing to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import io
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import yaml
+
+from twinvae.data.imageset import IMAGE_SIZE
+from twinvae.errors import ExportError
+from twinvae.export.formats import FORMATS, PARENT_FORMAT, Runner, get_format
+from twinvae.export.formats.onnx_format import MIN_OPSET_VERSION
+from twinvae.export.images import INPUT_GAIN
+from twinvae.export.network import COUNT_ID, INPUT_ID
+from twinvae.export.rdf import RDF_NAME
+
+DEFAULT_TOLERANCE = 1e-4
+"""Largest accepted difference between weight formats, in counts (and mu units)."""
+
+HTTP_TIMEOUT_S = 3.0
+"""bioimageio may look up URLs of foreign bundles; offline, fail fast instead of hanging."""
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check."""
+
+    name: str
+    passed: bool
+    detail: str
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationReport:
+    """All check results for one bundle."""
+
+    bundle: Path
+    checks: list[CheckResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    def failures(self) -> list[CheckResult]:
+        return [check for check in self.checks if not check.passed]
+
+    def failure_message(self) -> str:
+        """One line per failed check, for error messages."""
+        return "; ".join(f"{check.name}: {check.detail}" for check in self.failures())
+
+
+@dataclass
+class _Bundle:
+    zip_path: Path
+    folder: Path
+    rdf: dict[str, Any]
+
+
+class _CheckError(Exception):
+    """A check's own, user-readable failure."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_bioimageio() -> Iterator[None]:
+    """Short HTTP timeouts and no log output while bioimageio validates or tests."""
+    from bioimageio.spec import settings
+    from loguru import logger
+
+    timeout = settings.http_timeout
+    settings.http_timeout = HTTP_TIMEOUT_S
+    # Both libraries switch their own loguru output off when imported; keep it that way (their
+    # command line switches it on, and then it would flood twinvae's output).
+    logger.disable("bioimageio")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        settings.http_timeout = timeout
+
+
+# --- package and files -------------------------------------------------------------------------
+
+
+def _open_package(zip_path: Path, folder: Path) -> _Bundle:
+    if not zip_path.is_file():
+        raise _CheckError(f"{zip_path}: file not found")
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise _CheckError(f"{zip_path}: not a zip file ({error})") from None
+    with archive:
+        names = archive.namelist()
+        for name in names:
+            pure = PurePosixPath(name)
+            if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+                raise _CheckError(f"unsafe member name {name!r} in the zip")
+        if RDF_NAME not in names:
+            raise _CheckError(f"no {RDF_NAME} at the top level of the zip (members: {names[:8]})")
+        for name in names:
+            if not name.endswith("/"):
+                target = folder / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    target.write_bytes(archive.read(name))  # checks the member's CRC
+                except zipfile.BadZipFile as error:
+                    raise _CheckError(f"zip member {name!r} is corrupt: {error}") from None
+    try:
+        rdf = yaml.safe_load((folder / RDF_NAME).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise _CheckError(f"{RDF_NAME} is not valid YAML: {error}") from None
+    if not isinstance(rdf, dict):
+        raise _CheckError(f"{RDF_NAME} is not a mapping")
+    return _Bundle(zip_path=zip_path, folder=folder, rdf=rdf)
+
+
+def _file_entries(node: Any, location: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, entry) for every mapping with a local `source` file in the description."""
+    if isinstance(node, Mapping):
+        source = node.get("source")
+        if isinstance(source, str) and "://" not in source:
+            yield location, dict(node)
+        for key, value in node.items():
+            if not location and key == "config":
+                continue  # free-form metadata, not files
+            yield from _file_entries(value, f"{location}.{key}" if location else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _file_entries(value, f"{location}.{index}")
+
+
+def _check_files(bundle: _Bundle) -> CheckResult:
+    problems: list[str] = []
+    notes: list[str] = []
+    entries = list(_file_entries(bundle.rdf))
+    for location, entry in entries:
+        source = entry["source"]
+        path = bundle.folder / source
+        if not path.is_file():
+            problems.append(f"{location}: file {source!r} is missing from the zip")
+            continue
+        expected = entry.get("sha256")
+        if expected is None:
+            notes.append(f"{location}: {source} has no sha256")
+        elif _sha256(path) != str(expected):
+            problems.append(
+                f"{location}: {source} does not match its sha256 in {RDF_NAME} "
+                "(the file was changed after packaging)"
+            )
+    if problems:
+        raise _CheckError("; ".join(problems))
+    return CheckResult(
+        "files", True, f"{len(entries)} files present, sha256 verified", warnings=notes
+    )
+
+
+# --- twinvae contract ----------------------------------------------------------------------------
+
+
+def _axes(tensor: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
+    axes = tensor.get("axes") or []
+    result = []
+    for axis in axes:
+        kind = str(axis.get("type"))
+        axis_id = str(axis.get("id", kind if kind in ("batch", "channel") else ""))
+        size = len(axis.get("channel_names", [])) if kind == "channel" else axis.get("size")
+        result.append((kind, axis_id, size))
+    return result
+
+
+def _preprocessing_gain(rdf: Mapping[str, Any]) -> float:
+    """The scale_linear gain of the first input (1.0 when absent)."""
+    steps = (rdf.get("inputs") or [{}])[0].get("preprocessing") or []
+    for step in steps:
+        if step.get("id") == "scale_linear":
+            return float((step.get("kwargs") or {}).get("gain", 1.0))
+    return 1.0
+
+
+def _check_contract(bundle: _Bundle) -> CheckResult:
+    rdf = bundle.rdf
+    problems: list[str] = []
+    if rdf.get("type") != "model" or not str(rdf.get("format_version", "")).startswith("0.5."):
+        problems.append(
+            f"expected a bioimage.io model of format 0.5.x, got type {rdf.get('type')!r} "
+            f"format {rdf.get('format_version')!r}"
+        )
+    inputs, outputs = rdf.get("inputs") or [], rdf.get("outputs") or []
+    expected_in = [
+        ("batch", "batch", None),
+        ("channel", "channel", 1),
+        ("space", "y", IMAGE_SIZE),
+        ("space", "x", IMAGE_SIZE),
+    ]
+    if not inputs or inputs[0].get("id") != INPUT_ID or _axes(inputs[0]) != expected_in:
+        problems.append(
+            f"input 0 must be {INPUT_ID!r} with axes batch, channel (1), y ({IMAGE_SIZE}), "
+            f"x ({IMAGE_SIZE}); got {inputs[0].get('id') if inputs else None!r} "
+            f"{_axes(inputs[0]) if inputs else []}"
+        )
+    elif abs(_preprocessing_gain(rdf) - INPUT_GAIN) > 1e-12:
+        problems.append(
+            "input preprocessing must scale 0..255 to [0, 1] (scale_linear gain 1/255), "
+            f"got gain {_preprocessing_gain(rdf)}"
+        )
+    if (
+        not outputs
+        or outputs[0].get("id") != COUNT_ID
+        or _axes(outputs[0]) != [("batch", "batch", None), ("channel", "channel", 1)]
+    ):
+        problems.append(f"output 0 must be {COUNT_ID!r} with axes batch, channel (1)")
+    weights = rdf.get("weights") or {}
+    missing = [f.name for f in FORMATS if f.name not in weights]
+    if missing:
+        problems.append(f"weights missing: {', '.join(missing)}")
+    for name, entry in weights.items():
+        if (
+            name != PARENT_FORMAT
+            and isinstance(entry, Mapping)
+            and entry.get("parent") != PARENT_FORMAT
+        ):
+            problems.append(f"weights.{name}.parent must be {PARENT_FORMAT!r}")
+    if problems:
+        raise _CheckError("; ".join(problems))
+    return CheckResult(
+        "contract",
+        True,
+        f"input {INPUT_ID} 1x{IMAGE_SIZE}x{IMAGE_SIZE} (/255), output {COUNT_ID}, "
+        f"{len(weights)} weight formats",
+    )
+
+
+# --- bioimageio ----------------------------------------------------------------------------------
+
+
+def _messages(details: list[Any]) -> tuple[list[str], list[str]]:
+    """Error and warning lines of bioimageio validation details."""
+    errors: list[str] = []
+    notes: list[str] = []
+    for detail in details:
+        for entry in detail.errors:
+            location = ".".join(str(part) for part in entry.loc)
+            errors.append(f"{location + ': ' if location else ''}{entry.msg}")
+        for entry in detail.warnings:
+            location = ".".join(str(part) for part in entry.loc)
+            notes.append(f"{location + ': ' if location else ''}{entry.msg}")
+    return errors, notes
+
+
+def _check_format(bundle: _Bundle) -> CheckResult:
+    from bioimageio.spec import InvalidDescr, load_description
+
+    with quiet_bioimageio():
+        description = load_description(bundle.zip_path, perform_io_checks=True)
+    summary = description.validation_summary
+    errors, notes = _messages(summary.details)
+    if isinstance(description, InvalidDescr) or summary.status == "failed":
+        raise _CheckError("; ".join(errors) or "bioimageio.spec rejected the description")
+    return CheckResult(
+        "bioimageio format", True, f"valid model {summary.format_version}", warnings=notes
+    )
+
+
+@contextlib.contextmanager
+def _preserve_global_rng() -> Iterator[None]:
+    """bioimageio.core's test seeds torch and numpy globally; give the caller its state back."""
+    import torch
+
+    torch_state = torch.get_rng_state()
+    numpy_state = np.random.get_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """bioimageio.core runs gc.collect() after every prediction pipeline; in a process that
+    holds torch's exporter machinery each full collection takes about a second. Objects that
+    exist before the test are moved out of the collector's reach meanwhile (gc.freeze)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _core_tests(bundle: _Bundle) -> list[CheckResult]:
+    """bioimage.io's format validation and model test for all weight formats in one run.
+
+    Returns the format result followed by one result per weight format.
+    """
+    from bioimageio.core import test_description
+
+    start = time.perf_counter()
+    with quiet_bioimageio(), _preserve_global_rng(), _gc_frozen(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates torch.jit
+        summary = test_description(bundle.zip_path, expected_type="model")
+    seconds = time.perf_counter() - start
+    weight_formats = list(bundle.rdf.get("weights") or {})
+    general = [d for d in summary.details if tuple(d.loc[:1]) != ("weights",)]
+    general_errors, general_warnings = _messages(general)
+    results = [
+        CheckResult(
+            "bioimageio format",
+            not general_errors,
+            "; ".join(general_errors) or f"valid model {summary.format_version}",
+            warnings=general_warnings,
+        )
+    ]
+    for weight_format in weight_formats:
+        details = [d for d in summary.details if tuple(d.loc[:2]) == ("weights", weight_format)]
+        errors, notes = _messages(details)
+        if not details:
+            errors.append("bioimageio.core ran no test for this format")
+        passed = sum(1 for d in details if d.status == "passed")
+        results.append(
+            CheckResult(
+                f"bioimageio.core test ({weight_format})",
+                not errors,
+                "; ".join(errors) or f"{passed} of {len(details)} subtests passed",
+                seconds=seconds / max(1, len(weight_formats)),
+                warnings=notes,
+            )
+        )
+    if summary.status != "passed" and all(r.passed for r in results):
+        errors, _ = _messages(summary.details)
+        results.append(
+            CheckResult(
+                "bioimageio.core test", False, "; ".join(errors) or f"status {summary.status}"
+            )
+        )
+    return results
+
+
+# --- onnx ----------------------------------------------------------------------------------------
+
+
+def _check_onnx(bundle: _Bundle) -> CheckResult:
+    import onnx
+
+    entry = (bundle.rdf.get("weights") or {}).get("onnx")
+    if not isinstance(entry, Mapping):
+        raise _CheckError("no onnx weights")
+    if entry.get("external_data"):
+        raise _CheckError("onnx weights use external data; expected one self-contained file")
+    path = bundle.folder / str(entry.get("source"))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as error:
+        raise _CheckError(f"ONNX checker rejected {path.name}: {error}") from None
+    external = [
+        t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise _CheckError(f"{path.name} keeps {len(external)} initializers in external files")
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < MIN_OPSET_VERSION:
+        raise _CheckError(f"opset {opset} < {MIN_OPSET_VERSION}")
+    if int(entry.get("opset_version", -1)) != opset:
+        raise _CheckError(f"rdf says opset {entry.get('opset_version')}, the file has {opset}")
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch.dim_param:
+        raise _CheckError(
+            f"batch axis of {path.name} is fixed at {batch.dim_value}, expected dynamic"
+        )
+    return CheckResult(
+        "onnx", True, f"checker passed, opset {opset}, self-contained, dynamic batch"
+    )
+
+
+# --- agreement -----------------------------------------------------------------------------------
+
+
+def _bundle_images(bundle: _Bundle) -> tuple[np.ndarray, np.ndarray]:
+    """Model-space check images from the bundle: its test input plus flips and rotations,
+    and the raw test input itself."""
+    inputs = bundle.rdf["inputs"][0]
+    raw = np.load(bundle.folder / inputs["test_tensor"]["source"], allow_pickle=False)
+    model_space = raw.astype(np.float32) * np.float32(_preprocessing_gain(bundle.rdf))
+    first = model_space[:1]
+    variants = [first, first[..., ::-1], first[..., ::-1, :], np.rot90(first, 1, axes=(2, 3))]
+    return np.ascontiguousarray(np.concatenate([model_space, *variants[1:]])), model_space
+
+
+def _max_differences(
+    reference: list[np.ndarray], other: list[np.ndarray], ids: list[str]
+) -> dict[str, float]:
+    if len(other) != len(reference):
+        raise _CheckError(f"{len(other)} outputs, expected {len(reference)}")
+    differences = {}
+    for output_id, expected, actual in zip(ids, reference, other, strict=True):
+        if expected.shape != actual.shape:
+            raise _CheckError(
+                f"output {output_id!r} has shape {actual.shape}, expected {expected.shape}"
+            )
+        differences[output_id] = float(np.max(np.abs(expected.astype(np.float64) - actual)))
+    return differences
+
+
+def _check_agreement(
+    bundle: _Bundle, images: np.ndarray | None, reference: Runner | None, tolerance: float
+) -> CheckResult:
+    weights = bundle.rdf.get("weights") or {}
+    output_ids = [str(o.get("id")) for o in bundle.rdf.get("outputs") or []]
+    runners = {
+        name: get_format(name).runner(bundle.folder, entry) for name, entry in weights.items()
+    }
+    bundle_images, test_input = _bundle_images(bundle)
+    check_images = (
+        bundle_images if images is None else np.ascontiguousarray(images, dtype=np.float32)
+    )
+    reference_name = "PyTorch model" if reference is not None else PARENT_FORMAT
+    reference_run = reference if reference is not None else runners[PARENT_FORMAT]
+    expected = reference_run(check_images)
+    problems: list[str] = []
+    report: list[str] = []
+    largest: dict[str, float] = {}
+    for name, run in runners.items():
+        if reference is None and name == PARENT_FORMAT:
+            continue
+        differences = _max_differences(expected, run(check_images), output_ids)
+        largest[name] = max(differences.values())
+        report.append(f"{name} {largest[name]:.1e}")
+        for output_id, difference in differences.items():
+            if not difference <= tolerance:
+                problems.append(
+                    f"{name} differs from the {reference_name} by {difference:.3g} in "
+                    f"{output_id!r} (tolerance {tolerance:g})"
+                )
+    outputs = bundle.rdf.get("outputs") or []
+    stored = [
+        np.load(bundle.folder / o["test_tensor"]["source"], allow_pickle=False) for o in outputs
+    ]
+    differences = _max_differences(
+        [s.astype(np.float32) for s in stored], reference_run(test_input), output_ids
+    )
+    for output_id, difference in differences.items():
+        if not difference <= tolerance:
+            problems.append(
+                f"the {reference_name} does not reproduce the stored test output {output_id!r} "
+                f"(difference {difference:.3g})"
+            )
+    if problems:
+        raise _CheckError("; ".join(problems))
+    return CheckResult(
+        "agreement",
+        True,
+        f"{len(check_images)} images, max |difference| vs {reference_name}: {', '.join(report)}",
+    )
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def _run(name: str, check: Callable[[], CheckResult], report: ValidationReport) -> bool:
+    start = time.perf_counter()
+    try:
+        result = check()
+    except _CheckError as failure:
+        result = CheckResult(name, False, str(failure))
+    except Exception as error:  # a crash inside a check is a failed check, not a traceback
+        result = CheckResult(name, False, f"{type(error).__name__}: {error}")
+    result.seconds = time.perf_counter() - start
+    report.checks.append(result)
+    return result.passed
+
+
+def validate_bundle(
+    bundle_path: Path | str,
+    *,
+    images: np.ndarray | None = None,
+    reference: Runner | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    core_tests: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ValidationReport:
+    """Run every check on a bundle zip.
+
+    images: model-space images (N, 1, 128, 128) in [0, 1] to compare the formats on
+    (default: the bundle's test input and three flips/rotations of it).
+    reference: the PyTorch model to compare with (default: the bundle's pytorch_state_dict).
+    """
+    zip_path = Path(bundle_path)
+    report = ValidationReport(bundle=zip_path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="twinvae-validate-") as scratch:
+        opened: list[_Bundle] = []
+
+        def package() -> CheckResult:
+            opened.append(_open_package(zip_path, Path(scratch)))
+            return CheckResult(
+                "package", True, f"{RDF_NAME} found, {zip_path.stat().st_size / 1e6:.1f} MB"
+            )
+
+        def step(name: str, check: Callable[[], CheckResult]) -> bool:
+            if progress is not None:
+                progress(name)
+            return _run(name, check, report)
+
+        if step("package", package):
+            bundle = opened[0]
+            files_ok = step("files", lambda: _check_files(bundle))
+            contract_ok = step("contract", lambda: _check_contract(bundle))
+            if not (core_tests and files_ok):
+                step("bioimageio format", lambda: _check_format(bundle))
+            if files_ok and contract_ok:
+                step("onnx", lambda: _check_onnx(bundle))
+                step("agreement", lambda: _check_agreement(bundle, images, reference, tolerance))
+            if core_tests and files_ok:
+                if progress is not None:
+                    progress("bioimageio.core test")
+                try:
+                    report.checks.extend(_core_tests(bundle))
+                except Exception as error:
+                    report.checks.append(
+                        CheckResult(
+                            "bioimageio.core test", False, f"{type(error).__name__}: {error}"
+                        )
+                    )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def require_valid(report: ValidationReport) -> None:
+    """Raise ExportError naming every failed check."""
+    if not report.passed:
+        raise ExportError(f"{report.bundle.name} failed validation: {report.failure_message()}")

@@ -1,0 +1,312 @@
+"""The model zoo: stored weights (safetensors) that rebuild bioimage.io bundles reproducibly.
+
+Layout of a zoo folder (the repository's `model_zoo/` by default)::
+
+    collection.yaml             the manifest (twinvae.model_zoo.manifest)
+    weights/NAME.safetensors    counting-path weights (no pickle)
+    weights/NAME.yaml           the training config
+
+`zoo build` makes the same bundle bytes for the same stored weights with the same package
+versions (`built_with` in the manifest); across versions or CPUs the ONNX/TorchScript files and
+test outputs can differ in their last bits, so the stable fingerprint of an entry is
+`weights_sha256`, and a changed bundle hash is only an error when the versions match.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from twinvae.config import config_from_dict
+from twinvae.errors import CheckpointError, ConfigError, TwinVAEError
+from twinvae.export.bundle import (
+    ExportOptions,
+    ExportResult,
+    ExportSource,
+    export_source,
+    resolve_timestamp,
+    sha256_file,
+    source_from_checkpoint,
+)
+from twinvae.export.images import (
+    CheckImages,
+    load_check_images,
+    read_check_images,
+    save_check_images,
+)
+from twinvae.export.rdf import BundleMetadata
+from twinvae.model_zoo.manifest import (
+    MAX_WEIGHTS_BYTES,
+    WEIGHTS_DIR,
+    ZooEntry,
+    ZooManifest,
+    load_manifest,
+    save_manifest,
+)
+
+SAFETENSORS_FORMAT = "twinvae-counting-network/1"
+VERSIONED_PACKAGES = ("twinvae", "torch", "onnx", "onnxscript", "numpy", "matplotlib", "tifffile")
+
+
+def default_zoo_dir() -> Path:
+    """TWINVAE_ZOO_DIR, else the repository's model_zoo/ folder (editable installs)."""
+    configured = os.environ.get("TWINVAE_ZOO_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[3] / "model_zoo"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose output ends up in the bundle bytes."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def _bundle_metadata(entry: ZooEntry) -> BundleMetadata:
+    return BundleMetadata(
+        name=entry.name,
+        description=entry.description or None,
+        authors=tuple(entry.authors),
+        version=entry.version,
+        license=entry.license,
+        timestamp=entry.timestamp,
+        extra_metrics=dict(entry.metrics),
+        metrics_title="Metrics on the test split (model zoo manifest)",
+    )
+
+
+def _resolve(zoo_dir: Path, relative: str) -> Path:
+    path = Path(relative)
+    return path if path.is_absolute() else zoo_dir / path
+
+
+def _verify(entry: ZooEntry, path: Path, expected: str | None) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{entry.name}: stored file {path} is missing")
+    if sha256_file(path) != expected:
+        raise ConfigError(
+            f"{entry.name}: {path} does not match its sha256 in the manifest (changed?)"
+        )
+
+
+def source_from_entry(zoo_dir: Path, entry: ZooEntry) -> ExportSource:
+    """The stored weights and config of an entry, after checking their sha256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = _resolve(zoo_dir, entry.weights)
+    config_path = _resolve(zoo_dir, entry.config)
+    _verify(entry, weights, entry.weights_sha256)
+    _verify(entry, config_path, entry.config_sha256)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from None
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config = config_from_dict(data, origin=str(config_path))
+    return ExportSource(
+        config=config,
+        state=state,
+        epoch=entry.epoch,
+        metrics={},
+        origin=entry.weights,
+    )
+
+
+def build_entry(
+    zoo_dir: Path, name: str, out_dir: Path, *, overwrite: bool = False
+) -> ExportResult:
+    """Rebuild NAME's bundle from the stored weights into out_dir/NAME.zip (validated)."""
+    entry = load_manifest(zoo_dir).get(name)
+    return _build(zoo_dir, entry, out_dir / f"{name}.zip", overwrite=overwrite)
+
+
+def _stored_images(zoo_dir: Path, entry: ZooEntry) -> CheckImages | None:
+    if entry.check_images is None:
+        return None
+    path = _resolve(zoo_dir, entry.check_images)
+    _verify(entry, path, entry.check_images_sha256)
+    return read_check_images(path)
+
+
+def _build(zoo_dir: Path, entry: ZooEntry, out: Path, *, overwrite: bool) -> ExportResult:
+    source = source_from_entry(zoo_dir, entry)
+    options = ExportOptions(
+        with_mu=entry.with_mu,
+        data=_resolve(zoo_dir, entry.test_data) if entry.test_data else None,
+        images=_stored_images(zoo_dir, entry),
+        overwrite=overwrite,
+        metadata=_bundle_metadata(entry),
+    )
+    return export_source(source, out, options)
+
+
+def _stored_bytes(zoo_dir: Path, manifest: ZooManifest) -> int:
+    return sum(
+        _resolve(zoo_dir, path).stat().st_size
+        for entry in manifest.models
+        for path in (entry.weights, entry.config, entry.check_images)
+        if path is not None and _resolve(zoo_dir, path).is_file()
+    )
+
+
+def add_entry(
+    zoo_dir: Path,
+    checkpoint: Path,
+    name: str,
+    *,
+    recipe: str | None = None,
+    description: str = "",
+    metrics: dict[str, float] | None = None,
+    authors: tuple[str, ...] = ("twinvae contributors",),
+    version: str = "0.1.0",
+    license_id: str = "MIT",
+    with_mu: bool = False,
+    test_data: str | None = None,
+    timestamp: datetime | None = None,
+    replace: bool = False,
+) -> ZooEntry:
+    """Publish a checkpoint: store its counting path as safetensors, build and validate the
+    bundle, and record the entry (with the bundle's sha256) in the manifest."""
+    from safetensors.torch import save_file
+
+    manifest = load_manifest(zoo_dir) if (zoo_dir / "collection.yaml").is_file() else ZooManifest()
+    existing = [entry for entry in manifest.models if entry.name == name]
+    if existing and not replace:
+        raise ConfigError(f"the zoo already has a model {name!r}; pass --replace to update it")
+    source = source_from_checkpoint(checkpoint)
+    modality = source.config.data.modality
+    weights_dir = zoo_dir / WEIGHTS_DIR
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    weights = weights_dir / f"{name}.safetensors"
+    config_path = weights_dir / f"{name}.yaml"
+    images_path = weights_dir / f"{name}.check-images.npz"
+    written: list[Path] = []
+    try:
+        if test_data is None:
+            # Stored, so that rebuilding does not depend on the generator's current version.
+            save_check_images(images_path, load_check_images(None, modality))
+            written.append(images_path)
+        state = {key: value.contiguous() for key, value in source.state.items()}
+        save_file(state, str(weights), metadata={"format": SAFETENSORS_FORMAT})
+        written.append(weights)
+        source.config.save(config_path)
+        written.append(config_path)
+        entry = ZooEntry(
+            name=name,
+            modality=modality,
+            description=description,
+            recipe=recipe or f"config {source.config.name!r} (attached to the bundle)",
+            source_checkpoint=str(checkpoint),
+            weights=f"{WEIGHTS_DIR}/{weights.name}",
+            weights_sha256=sha256_file(weights),
+            config=f"{WEIGHTS_DIR}/{config_path.name}",
+            config_sha256=sha256_file(config_path),
+            epoch=source.epoch,
+            metrics=dict(metrics or {}),
+            with_mu=with_mu,
+            test_data=test_data,
+            check_images=f"{WEIGHTS_DIR}/{images_path.name}" if test_data is None else None,
+            check_images_sha256=sha256_file(images_path) if test_data is None else None,
+            authors=list(authors),
+            license=license_id,
+            version=version,
+            timestamp=resolve_timestamp(timestamp),
+            bundle_sha256="0" * 64,
+            built_with=package_versions(),
+        )
+        others = [e for e in manifest.models if e.name != name]
+        candidate = ZooManifest(models=[*others, entry])
+        size = _stored_bytes(zoo_dir, candidate)
+        if size > MAX_WEIGHTS_BYTES:
+            raise ConfigError(
+                f"stored weights would total {size / 2**20:.1f} MiB, over the "
+                f"{MAX_WEIGHTS_BYTES / 2**20:.0f} MiB the zoo may commit"
+            )
+        with tempfile.TemporaryDirectory(prefix="twinvae-zoo-") as scratch:
+            result = _build(zoo_dir, entry, Path(scratch) / f"{name}.zip", overwrite=False)
+        entry.bundle_sha256 = result.sha256
+        save_manifest(zoo_dir, ZooManifest(models=[*others, entry]))
+    except BaseException:
+        if not existing:
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
+    return entry
+
+
+@dataclass
+class EntryCheck:
+    """The outcome of checking one zoo entry."""
+
+    name: str
+    passed: bool
+    detail: str
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def check_entry(zoo_dir: Path, entry: ZooEntry) -> EntryCheck:
+    """Stored files match, the rebuilt bundle validates, and its hash is the recorded one
+    (a different hash is a warning when package versions differ from `built_with`)."""
+    start = datetime.now(UTC)
+    warnings: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="twinvae-zoo-check-") as scratch:
+            result = _build(zoo_dir, entry, Path(scratch) / f"{entry.name}.zip", overwrite=False)
+    except TwinVAEError as error:
+        return EntryCheck(entry.name, False, str(error))
+    seconds = (datetime.now(UTC) - start).total_seconds()
+    if result.sha256 != entry.bundle_sha256:
+        changed = {
+            package: (entry.built_with.get(package), version)
+            for package, version in package_versions().items()
+            if entry.built_with.get(package) != version
+        }
+        if not changed:
+            return EntryCheck(
+                entry.name,
+                False,
+                f"rebuilt bundle has sha256 {result.sha256}, the manifest says "
+                f"{entry.bundle_sha256} with the same package versions (not reproducible)",
+                seconds=seconds,
+            )
+        warnings.append(
+            "bundle sha256 differs from the manifest; package versions changed: "
+            + ", ".join(f"{p} {old} -> {new}" for p, (old, new) in sorted(changed.items()))
+        )
+    return EntryCheck(
+        entry.name,
+        True,
+        f"weights verified, bundle valid ({len(result.report.checks)} checks)",
+        warnings=warnings,
+        seconds=seconds,
+    )
+
+
+def check_zoo(zoo_dir: Path) -> list[EntryCheck]:
+    """Check every entry of the zoo (stored weights over the size limit fail the first one)."""
+    manifest = load_manifest(zoo_dir)
+    results = [check_entry(zoo_dir, entry) for entry in manifest.models]
+    size = _stored_bytes(zoo_dir, manifest)
+    if size > MAX_WEIGHTS_BYTES:
+        results.append(
+            EntryCheck(
+                "(size)",
+                False,
+                f"stored weights total {size / 2**20:.1f} MiB, limit "
+                f"{MAX_WEIGHTS_BYTES / 2**20:.0f} MiB",
+            )
+        )
+    return results
