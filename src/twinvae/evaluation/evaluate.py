@@ -46,9 +46,14 @@ def evaluate(
     if len(labelled) == 0:
         raise DataError(f"{image_set.source or 'data'}: no labelled image to evaluate on")
     predictions = predict_with_model(model_path, labelled.images, tta=tta, domain=domain)
+    return prediction_report(predictions, labelled, model=str(model_path))
+
+
+def prediction_report(predictions: np.ndarray, labelled: ImageSet, model: str) -> dict[str, Any]:
+    """Metrics (overall, per count) and one row per image, for predictions on labelled images."""
     report = evaluation_report(predictions, labelled.counts)
-    report["model"] = str(model_path)
-    report["data"] = image_set.source
+    report["model"] = model
+    report["data"] = labelled.source
     report["predictions"] = [
         {"file": name, "count": int(true), "predicted": float(pred), "rounded": int(rounded)}
         for name, true, pred, rounded in zip(

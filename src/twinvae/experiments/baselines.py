@@ -32,7 +32,8 @@ from scipy import ndimage
 
 from twinvae.data.imageset import ImageSet
 from twinvae.errors import ConfigError, DataError
-from twinvae.evaluation.metrics import count_metrics, evaluation_report, round_counts
+from twinvae.evaluation.evaluate import prediction_report
+from twinvae.evaluation.metrics import count_metrics
 
 PARAMS_FORMAT = "twinvae-watershed/1"
 Modality = Literal["bf", "pc"]
@@ -375,13 +376,4 @@ def watershed_report(params_path: Path | str, image_set: ImageSet) -> dict[str, 
     if len(labelled) == 0:
         raise DataError(f"{image_set.source or 'data'}: no labelled image to evaluate on")
     predictions = count_images(labelled.images, load_params(params_path))
-    report = evaluation_report(predictions, labelled.counts)
-    report["model"] = str(params_path)
-    report["data"] = image_set.source
-    report["predictions"] = [
-        {"file": name, "count": int(true), "predicted": float(pred), "rounded": int(rounded)}
-        for name, true, pred, rounded in zip(
-            labelled.names, labelled.counts, predictions, round_counts(predictions), strict=True
-        )
-    ]
-    return report
+    return prediction_report(predictions, labelled, model=str(params_path))

@@ -43,6 +43,7 @@ from twinvae.experiments.plan import (
     final_modality,
     row_config,
 )
+from twinvae.fileio import sha256_file
 
 RESULT_FORMAT = "twinvae-experiment-row/1"
 Log = Callable[[str], None]
@@ -146,14 +147,6 @@ class RunContext:
 
 
 # --- small helpers ---------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -12,7 +12,6 @@ same torch / onnx / onnxscript versions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ from twinvae.export.rdf import (
     sample_output_file,
     test_output_file,
 )
+from twinvae.fileio import sha256_file
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 COMPRESSED_SUFFIXES = frozenset({".yaml", ".md", ".py", ".json", ".txt"})
@@ -146,14 +146,6 @@ def resolve_timestamp(timestamp: datetime | None) -> datetime:
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
     return timestamp.astimezone(UTC).replace(microsecond=0)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_reproducible_zip(folder: Path, target: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import io
 import tempfile
 import time
@@ -41,6 +40,7 @@ from twinvae.export.formats.onnx_format import MIN_OPSET_VERSION
 from twinvae.export.images import INPUT_GAIN
 from twinvae.export.network import COUNT_ID, INPUT_ID
 from twinvae.export.rdf import RDF_NAME
+from twinvae.fileio import sha256_file
 
 DEFAULT_TOLERANCE = 1e-4
 """Largest accepted difference between weight formats, in counts (and mu units)."""
@@ -89,14 +89,6 @@ class _Bundle:
 
 class _CheckError(Exception):
     """A check's own, user-readable failure."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -180,7 +172,7 @@ def _check_files(bundle: _Bundle) -> CheckResult:
         expected = entry.get("sha256")
         if expected is None:
             notes.append(f"{location}: {source} has no sha256")
-        elif _sha256(path) != str(expected):
+        elif sha256_file(path) != str(expected):
             problems.append(
                 f"{location}: {source} does not match its sha256 in {RDF_NAME} "
                 "(the file was changed after packaging)"
