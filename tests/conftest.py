@@ -15,6 +15,14 @@ ImageWriter = Callable[[Path, np.ndarray], Path]
 FolderMaker = Callable[..., Path]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tests use tiny models: one thread is as fast and does not spin against other jobs."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _cho_k1_location() -> Path:
     configured = os.environ.get("TWINVAE_CHO_K1")
     if configured:
