@@ -14,7 +14,7 @@ from twinvae.data.imageset import ImageSet
 from twinvae.training import trainer as trainer_module
 from twinvae.training.checkpoint import load_checkpoint
 from twinvae.training.data import TrainingData
-from twinvae.training.trainer import TrainingDiverged, train
+from twinvae.training.trainer import TrainingDivergedError, train
 from twinvae.training.transfer import trainable_groups
 
 TINY_MODEL = {"base_channels": 4, "latent_dim": 8, "regressor_hidden": [8]}
@@ -125,7 +125,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         return loss
 
     monkeypatch.setattr(trainer_module, "twin_domain_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
         train(_config(), tmp_path / "run", data=tiny_data, progress=False)
     assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 0
     assert len(_rows(tmp_path / "run")) == 1

@@ -12,16 +12,18 @@ Stallmann, Hammer 2023) for 128 x 128 grey images:
 with c = base_channels (32 in the papers).
 
 ``TwinVAE.fast_kernels`` (off by default, switched on by the trainer) computes the same function
-faster for training: the two 1-pixel shared layers as matrix products instead of convolutions
-(equal up to float rounding) and, on the CPU, dropout masks drawn from a fast counter-based
-generator seeded from torch's RNG instead of torch's per-element Mersenne twister.
+faster for training (equal up to float rounding): the two 1-pixel shared layers as matrix
+products instead of convolutions; on the CPU, the outer decoders' transposed convolutions as the
+input gradient of a convolution (oneDNN's kernels for that are about twice as fast), and dropout
+masks from numpy's SFC64 generator seeded from torch's RNG instead of torch's per-element
+Mersenne twister (a different, equally random mask).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,7 +45,9 @@ def _conv_block(c_in: int, c_out: int, cfg: ModelConfig) -> list[nn.Module]:
     ]
 
 
-def _deconv_block(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> list[nn.Module]:
+def _deconv_block(
+    c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig
+) -> list[nn.Module]:
     return [
         nn.ConvTranspose2d(c_in, c_out, kernel_size=kernel, stride=stride),
         nn.BatchNorm2d(c_out),
@@ -74,8 +78,8 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
     # the mask is i.i.d., so laying it out in x's memory order is as good as any order
     mask = keep.as_strided(x.shape, x.stride()) if dense else keep.view(x.shape)
-    scale = torch.where(mask, 1.0 / (1.0 - p), 0.0).to(x.dtype)
-    return x * scale
+    kept = torch.full((), 1.0 / (1.0 - p), dtype=x.dtype)
+    return x * torch.where(mask, kept, torch.zeros((), dtype=x.dtype))
 
 
 class _FastSequential(nn.Sequential):
@@ -88,12 +92,85 @@ class _FastSequential(nn.Sequential):
 
 
 def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> torch.Tensor:
+    fast = fast and x.device.type == "cpu"
     for layer in layers:
-        if fast and isinstance(layer, nn.Dropout) and layer.training and x.device.type == "cpu":
+        if fast and isinstance(layer, nn.Dropout) and layer.training:
             x = fast_dropout(x, layer.p)
+        elif fast and isinstance(layer, nn.ConvTranspose2d) and _by_conv_grad(layer):
+            x = conv_transpose_by_conv_grad(x, layer.weight, layer.bias, layer.stride)
         else:
             x = layer(x)
     return x
+
+
+def _by_conv_grad(layer: nn.ConvTranspose2d) -> bool:
+    """Plain transposed convolutions with several output channels (measured faster)."""
+    return (
+        layer.out_channels > 1
+        and layer.groups == 1
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+    )
+
+
+def conv_transpose_by_conv_grad(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
+) -> torch.Tensor:
+    """``F.conv_transpose2d(x, weight, bias, stride)`` (no padding) via convolution kernels.
+
+    A transposed convolution is the input gradient of a convolution; oneDNN computes that with
+    its fast convolution kernels, while its transposed-convolution forward kernel is slower.
+    Follows autocast like ``F.conv_transpose2d``.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    return _ConvTransposeByConvGrad.apply(x, weight, bias, list(stride))
+
+
+class _ConvTransposeByConvGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: list[int],
+    ) -> torch.Tensor:
+        w = weight.to(x.dtype)
+        n, _, height, width = x.shape
+        k_h, k_w = w.shape[2:]
+        out_shape = (n, w.shape[1], (height - 1) * stride[0] + k_h, (width - 1) * stride[1] + k_w)
+        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        shape_only = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        out = torch.ops.aten.convolution_backward(
+            x, shape_only, w, None, stride, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+        )[0]
+        if bias is not None:
+            out.add_(bias.to(x.dtype).view(1, -1, 1, 1))
+        ctx.save_for_backward(x, w)
+        ctx.stride = stride
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, w = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, w, stride=ctx.stride)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                x, grad, w, None, ctx.stride, [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1].to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3)).to(ctx.weight_dtype)  # accumulates in fp32 internally
+        return grad_x, grad_w, grad_b, None
 
 
 class OuterEncoder(_FastSequential):
@@ -166,14 +243,17 @@ class SharedDecoder(nn.Module):
         if _is_channels_last(weight):
             out = torch.matmul(hidden, weight.permute(0, 2, 3, 1).flatten(1))
             out = out.view(n, k_h, k_w, c_out)
-            out = (out + deconv.bias if deconv.bias is not None else out).permute(0, 3, 1, 2)
+            if deconv.bias is not None:
+                out = out + deconv.bias.to(out.dtype)  # keeps the autocast dtype
+            out = out.permute(0, 3, 1, 2)
         else:
             out = torch.matmul(hidden, weight.flatten(1)).view(n, c_out, k_h, k_w)
-            out = out + deconv.bias.view(-1, 1, 1) if deconv.bias is not None else out
+            if deconv.bias is not None:
+                out = out + deconv.bias.to(out.dtype).view(-1, 1, 1)
         return _run_layers(list(self.deconv)[1:], out, fast=True)
 
 
-class OuterDecoder(nn.Sequential):
+class OuterDecoder(_FastSequential):
     """Domain-specific outer decoder: (N, 8c, 5, 5) -> (N, 1, 128, 128) in [0, 1]."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -195,7 +275,11 @@ class Regressor(_FastSequential):
         layers: list[nn.Module] = []
         width = in_features
         for hidden in cfg.regressor_hidden:
-            layers += [nn.Linear(width, hidden), nn.LeakyReLU(cfg.leaky_slope), nn.Dropout(cfg.dropout)]
+            layers += [
+                nn.Linear(width, hidden),
+                nn.LeakyReLU(cfg.leaky_slope),
+                nn.Dropout(cfg.dropout),
+            ]
             width = hidden
         layers.append(nn.Linear(width, 1))
         super().__init__(*layers)
@@ -227,7 +311,9 @@ class TwinVAE(nn.Module):
         self.shared_encoder = SharedEncoder(cfg)
         self.shared_decoder = SharedDecoder(cfg)
         self.decoders = nn.ModuleDict({d: OuterDecoder(cfg) for d in DOMAINS})
-        regressor_in = cfg.latent_dim if cfg.regressor_input == "latent" else 8 * cfg.base_channels * 25
+        regressor_in = (
+            cfg.latent_dim if cfg.regressor_input == "latent" else 8 * cfg.base_channels * 25
+        )
         self.regressor = Regressor(regressor_in, cfg)
         if cfg.init == "orthogonal":
             self.apply(_orthogonal_init)
@@ -244,7 +330,7 @@ class TwinVAE(nn.Module):
                 module.fast_kernels = enabled
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
-        """Modules by transfer group name: outer, outer_natural, outer_synthetic, core, regressor."""
+        """Modules by transfer group: outer, outer_natural, outer_synthetic, core, regressor."""
         return {
             "outer_natural": [self.encoders["natural"], self.decoders["natural"]],
             "outer_synthetic": [self.encoders["synthetic"], self.decoders["synthetic"]],
@@ -263,7 +349,9 @@ class TwinVAE(nn.Module):
 
     def regress(self, mu: torch.Tensor) -> torch.Tensor:
         """Latent mean (N, latent) -> counts (N,)."""
-        features = mu if self.config.regressor_input == "latent" else self.shared_decoder(mu).flatten(1)
+        features = (
+            mu if self.config.regressor_input == "latent" else self.shared_decoder(mu).flatten(1)
+        )
         return self.regressor(features).squeeze(1)
 
     def forward(
@@ -281,11 +369,15 @@ class TwinVAE(nn.Module):
         return self.regress(self.encode(images, domain)[0])
 
     @torch.no_grad()
-    def translate(self, images: torch.Tensor, source: DomainName, target: DomainName) -> torch.Tensor:
+    def translate(
+        self, images: torch.Tensor, source: DomainName, target: DomainName
+    ) -> torch.Tensor:
         """Encode in ``source`` and decode as ``target`` (e.g. natural -> synthetic look)."""
         return self.decode(self.encode(images, source)[0], target)
 
-    def counting_network(self, domain: DomainName = "natural", with_mu: bool = False) -> CountingNetwork:
+    def counting_network(
+        self, domain: DomainName = "natural", with_mu: bool = False
+    ) -> CountingNetwork:
         """The deterministic encoder + regressor path of one domain, for export."""
         return CountingNetwork(self, domain, with_mu)
 
@@ -296,12 +388,16 @@ class CountingNetwork(nn.Module):
     Shares (does not copy) the Twin-VAE's modules. With ``with_mu`` it also returns mu (N, latent).
     """
 
-    def __init__(self, twin: TwinVAE, domain: DomainName = "natural", with_mu: bool = False) -> None:
+    def __init__(
+        self, twin: TwinVAE, domain: DomainName = "natural", with_mu: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = twin.encoders[domain]
         self.shared_encoder = twin.shared_encoder
         self.regressor = twin.regressor
-        self.shared_decoder = twin.shared_decoder if twin.config.regressor_input != "latent" else None
+        self.shared_decoder = (
+            twin.shared_decoder if twin.config.regressor_input != "latent" else None
+        )
         self.with_mu = with_mu
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

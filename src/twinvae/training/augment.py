@@ -50,7 +50,9 @@ def augment_batch(
         dim=1,
     ).to(device=device, dtype=images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    out = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
     if config.noise_std > 0:
         if device.type == "cpu":
             noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)

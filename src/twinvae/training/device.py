@@ -55,10 +55,20 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), not by emulation."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def select_precision(requested: str, device: torch.device) -> str:
-    """``auto``: fp16 autocast on CUDA, fp32 on the CPU; fp16 is refused on the CPU."""
+    """``auto``: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU has bf16
+    hardware (about 2x faster training at unchanged accuracy, see benchmarks/README.md),
+    else fp32. fp16 is refused on the CPU."""
     if requested == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
     return requested

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ METRIC_COLUMNS = [
 ]
 
 
-class TrainingDiverged(TwinVAEError):
+class TrainingDivergedError(TwinVAEError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -116,14 +116,13 @@ class TwinStep(nn.Module):
 
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """All parameters go to the optimiser; frozen ones (no grad) are simply skipped by it."""
-    kinds: dict[str, type[torch.optim.Optimizer]] = {
-        "adam": torch.optim.Adam,
-        "radam": torch.optim.RAdam,
-        "adamw": torch.optim.AdamW,
-    }
-    return kinds[config.optimizer](
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    options: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "radam":
+        return torch.optim.RAdam(model.parameters(), **options)
+    # fused Adam(W): one kernel over all tensors, 3x faster per step on the CPU; the same update
+    # up to float rounding (RAdam has no fused kernel)
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), fused=True, **options)
 
 
 def make_scheduler(
@@ -155,7 +154,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> int:
 def _rng_snapshot() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": np.asarray(cast(tuple[Any, ...], np.random.get_state())[1]).tolist(),
         "python": list(random.getstate()[1]),
     }
 
@@ -213,6 +212,7 @@ class Trainer:
         self.runtime = setup_runtime(config.train)
         torch.manual_seed(config.train.seed)
         self.model = TwinVAE(config.model)
+        self.model.fast_kernels = True  # same function, faster training (see twin_vae.py)
         if config.transfer is not None and config.transfer.from_checkpoint and resume_from is None:
             self._load_transfer_source(config.transfer.from_checkpoint)
         self.model.to(self.runtime.device)
@@ -233,7 +233,9 @@ class Trainer:
         )
         self.optimizer = make_optimizer(self.model, config.optim)
         self.scheduler = make_scheduler(
-            self.optimizer, config.optim, config.train.epochs * self.steps_per_epoch,
+            self.optimizer,
+            config.optim,
+            config.train.epochs * self.steps_per_epoch,
             self.steps_per_epoch,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.precision == "fp16")
@@ -270,7 +272,7 @@ class Trainer:
         self.best_mae = float(state.get("best_mae", math.inf))
         self.best_epoch = int(state.get("best_epoch", -1))
         self.epochs_since_best = int(state.get("epochs_since_best", 0))
-        if "scaler" in state and state["scaler"]:
+        if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         _truncate_metrics(self.run_dir / "metrics.csv", checkpoint.epoch)
 
@@ -282,7 +284,7 @@ class Trainer:
         self._trainable = groups
         base = TwinStep(self.model, self.config)
         if self.runtime.distributed:
-            # re-wrapped whenever the set of trainable parameters changes (DDP fixes it at wrap time)
+            # re-wrapped whenever the trainable parameters change (DDP fixes them at wrap time)
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(
                 base, device_ids=device_ids, find_unused_parameters=True
@@ -301,7 +303,9 @@ class Trainer:
         epoch = self.start_epoch - 1
         try:
             with make_progress(self.progress and self.runtime.is_main) as bar:
-                task = bar.add_task("training", total=(cfg.train.epochs - self.start_epoch) * self.steps_per_epoch)
+                task = bar.add_task(
+                    "training", total=(cfg.train.epochs - self.start_epoch) * self.steps_per_epoch
+                )
                 for epoch in range(self.start_epoch, cfg.train.epochs):
                     bar.update(task, description=f"epoch {epoch + 1}/{cfg.train.epochs}")
                     row = self._train_epoch(epoch, lambda: bar.advance(task))
@@ -346,22 +350,28 @@ class Trainer:
             index = self.sampler.sample(batch, rng)
             natural = to_tensor(natural_set.images[index], runtime.device, cfg.train.channels_last)
             natural = augment_batch(natural, cfg.augment, augment_rng)
-            natural_counts = torch.from_numpy(natural_set.counts[index].astype(np.float32)).to(runtime.device)
+            natural_counts = torch.from_numpy(natural_set.counts[index].astype(np.float32)).to(
+                runtime.device
+            )
             synthetic = synthetic_counts = None
             if self.synthetic is not None:
                 syn_images, syn_counts = self.synthetic.batch(
                     synthetic_batch, (epoch, step, runtime.rank), rng
                 )
                 synthetic = augment_batch(
-                    to_tensor(syn_images, runtime.device, cfg.train.channels_last), cfg.augment, augment_rng
+                    to_tensor(syn_images, runtime.device, cfg.train.channels_last),
+                    cfg.augment,
+                    augment_rng,
                 )
-                synthetic_counts = torch.from_numpy(syn_counts.astype(np.float32)).to(runtime.device)
+                synthetic_counts = torch.from_numpy(syn_counts.astype(np.float32)).to(
+                    runtime.device
+                )
             with runtime.autocast():
                 loss, terms = self.step_module(
                     natural, natural_counts, synthetic, synthetic_counts, rec_weight, regressor_on
                 )
             if not torch.isfinite(loss):
-                raise TrainingDiverged(
+                raise TrainingDivergedError(
                     f"loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; stopped. "
                     f"The last good checkpoint is kept in {self.run_dir / 'last.pt'}. "
                     "Try a lower optim.lr, optim.grad_clip or train.precision=fp32."
@@ -394,12 +404,19 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, Any]:
         cfg = self.config
         val = self.data.natural_val.labelled_only()
-        result: dict[str, Any] = {"val_mae": "", "val_mre": "", "val_accuracy": "", "synthetic_val_mae": ""}
+        result: dict[str, Any] = {
+            "val_mae": "",
+            "val_mre": "",
+            "val_accuracy": "",
+            "synthetic_val_mae": "",
+        }
         if (epoch + 1) % cfg.train.val_every and epoch + 1 != cfg.train.epochs:
             return result
         predictions = predict_counts(self.model, val.images, self.runtime, tta=cfg.train.tta)
         metrics = count_metrics(predictions, val.counts)
-        result.update(val_mae=metrics["mae"], val_mre=metrics["mre"], val_accuracy=metrics["accuracy"])
+        result.update(
+            val_mae=metrics["mae"], val_mre=metrics["mre"], val_accuracy=metrics["accuracy"]
+        )
         if self.data.synthetic_val is not None and not cfg.data.natural_only:
             syn = self.data.synthetic_val
             syn_pred = predict_counts(self.model, syn.images, self.runtime, domain="synthetic")
