@@ -14,7 +14,7 @@ from twinvae.data.imageset import ImageSet
 from twinvae.training import trainer as trainer_module
 from twinvae.training.checkpoint import load_checkpoint
 from twinvae.training.data import TrainingData
-from twinvae.training.trainer import TrainingDivergedError, train
+from twinvae.training.trainer import Trainer, TrainingDivergedError, train
 from twinvae.training.transfer import trainable_groups
 
 TINY_MODEL = {"base_channels": 4, "latent_dim": 8, "regressor_hidden": [8]}
@@ -76,6 +76,25 @@ def test_run_folder_holds_config_metrics_and_checkpoints(
     assert best.config == config
     assert best.metrics["val_mae"] == pytest.approx(result.best_val_mae)
     assert load_checkpoint(run / "last.pt").epoch == 2
+
+
+def test_fresh_regressor_starts_at_the_mean_label(tmp_path: Path, tiny_data: TrainingData) -> None:
+    train_set = tiny_data.natural_train
+    mean_label = float(train_set.counts[train_set.labelled].mean())
+    fresh = Trainer(_config(), tmp_path / "fresh", data=tiny_data, progress=False)
+    assert float(fresh.model.regressor[-1].bias.detach()) == pytest.approx(mean_label)
+
+    source = train(_config(train={"epochs": 1}), tmp_path / "src", data=tiny_data, progress=False)
+    state = load_checkpoint(source.last_checkpoint).model_state
+    source_bias = state[[k for k in state if k.startswith("regressor.")][-1]]
+    assert float(source_bias) != pytest.approx(mean_label)  # training moved it
+    transferred = Trainer(
+        _config(transfer={"from_checkpoint": str(source.last_checkpoint)}),
+        tmp_path / "transfer",
+        data=tiny_data,
+        progress=False,
+    )
+    assert torch.equal(transferred.model.regressor[-1].bias.detach(), source_bias)
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path: Path, tiny_data: TrainingData) -> None:

@@ -220,6 +220,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.data = data if data is not None else prepare_data(config.data, config.train.seed)
         self.sampler = NaturalSampler(self.data.natural_train, config.data.labelled_fraction)
+        if resume_from is None and (config.transfer is None or not config.transfer.from_checkpoint):
+            self.model.regressor.start_at(_mean_label(self.data))
         self.synthetic = (
             None
             if config.data.natural_only
@@ -459,6 +461,13 @@ class Trainer:
         save_checkpoint(checkpoint, self.run_dir / "last.pt")
         if improved:
             save_checkpoint(checkpoint, self.run_dir / "best.pt")
+
+
+def _mean_label(data: TrainingData) -> float:
+    """Mean count of the labelled natural training images (0 when none is labelled)."""
+    train = data.natural_train
+    counts = train.counts[train.labelled]
+    return float(counts.mean()) if counts.size else 0.0
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
