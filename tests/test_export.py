@@ -35,7 +35,7 @@ from twinvae.export.predict import evaluate_bundle, predict_bundle_arrays
 from twinvae.models.twin_vae import ModelConfig, TwinVAE
 from twinvae.training.checkpoint import Checkpoint, load_model, save_checkpoint
 
-TINY = ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,))
+TINY = ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,), standardize_input=True)
 TIMESTAMP = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 runner = CliRunner()
 

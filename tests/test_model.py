@@ -75,3 +75,19 @@ def test_unknown_domain_is_rejected() -> None:
     model = TwinVAE(TINY)
     with pytest.raises(KeyError):
         model.encode(torch.rand(1, 1, 128, 128), "other")  # type: ignore[arg-type]
+
+
+def test_standardized_input_ignores_brightness_and_contrast() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 128, 128) * 0.2
+    brighter = 0.5 + 2.0 * images  # the same scene, brighter and with more contrast
+    plain = TwinVAE(TINY).eval()
+    standardized = TwinVAE(TINY.model_copy(update={"standardize_input": True})).eval()
+    standardized.load_state_dict(plain.state_dict())
+    same = standardized.count(images)
+    torch.testing.assert_close(standardized.count(brighter), same, atol=1e-3, rtol=0)  # eps
+    assert not torch.allclose(plain.count(brighter), plain.count(images))
+    flat = standardized.count(torch.full((1, 1, 128, 128), 0.7))
+    assert torch.isfinite(flat).all()
+    output = standardized(images, "natural", sample=False)
+    assert output.recon is not None and output.recon.shape == images.shape

@@ -29,6 +29,12 @@ class ModelConfig(_Strict):
         "latent", description="feed the regressor mu, or the shared decoder output (paper variant)"
     )
     init: Literal["default", "orthogonal"] = "default"
+    standardize_input: bool = Field(
+        False,
+        description="give the encoders each image at zero mean and unit variance (the decoders "
+        "still reconstruct the raw image); bright-field images, bright with faint cells, do not "
+        "train without it",
+    )
 
 
 class DataConfig(_Strict):

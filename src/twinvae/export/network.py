@@ -58,6 +58,7 @@ class NetworkSpec:
             "dropout": self.model.dropout,
             "leaky_slope": self.model.leaky_slope,
             "regressor_input": self.model.regressor_input,
+            "standardize_input": self.model.standardize_input,
             "with_mu": self.with_mu,
         }
 

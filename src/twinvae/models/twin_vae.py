@@ -269,6 +269,20 @@ class OuterEncoder(_FastSequential):
             *_conv_block(2 * c, 4 * c, cfg),
             *_conv_block(4 * c, 8 * c, cfg),
         )
+        self.standardize_input = cfg.standardize_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(standardize_images(x) if self.standardize_input else x)
+
+
+def standardize_images(images: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Each image (N, C, H, W) at zero mean and unit variance; ``eps`` keeps flat images finite.
+
+    Written with plain reductions so that it exports to ONNX as it is.
+    """
+    centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
+    variance = centred.square().mean(dim=(1, 2, 3), keepdim=True)
+    return centred * torch.rsqrt(variance + eps)
 
 
 def _flat_pixels(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ kwargs in rdf.yaml and load the bundled state dict. It mirrors the module layout
     shared_decoder  only when regressor_input == "shared_decoder"
     regressor       MLP mu -> count
 
+With ``standardize_input`` each image is first brought to zero mean and unit variance (as in
+``twinvae.models.twin_vae.standardize_images``).
+
 Input: (N, 1, 128, 128) float32 images scaled to [0, 1]. Output: (N, 1) counts, plus mu
 (N, latent_dim) when ``with_mu`` is set.
 """
@@ -68,6 +71,7 @@ class TwinVAECountingNetwork(nn.Module):
         dropout: float = 0.1,
         leaky_slope: float = 0.2,
         regressor_input: str = "latent",
+        standardize_input: bool = False,
         with_mu: bool = False,
     ) -> None:
         super().__init__()
@@ -95,10 +99,16 @@ class TwinVAECountingNetwork(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.regressor = nn.Sequential(*layers)
+        self.standardize_input = standardize_input
         self.with_mu = with_mu
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.standardize_input:
+            centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
+            images = centred * torch.rsqrt(
+                centred.square().mean(dim=(1, 2, 3), keepdim=True) + 1e-4
+            )
         mu = self.shared_encoder(self.encoder(images))
         features = mu if self.shared_decoder is None else self.shared_decoder(mu).flatten(1)
         count = self.regressor(features)
