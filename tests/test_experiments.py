@@ -169,6 +169,21 @@ def test_builtin_plans_validate_and_resolve() -> None:
     assert order == ["twinvae-pc", "transfer-pc-to-bf", "double-transfer-pc-bf-pc"]
 
 
+def test_builtin_transfer_rows_match_their_source_model() -> None:
+    """A transfer loads its source's weights: a model mismatch would only show after hours."""
+    for name in builtin_plans():
+        plan = load_plan(name)
+        for row in plan.rows:
+            if row.kind == "transfer":
+                assert row.from_row is not None
+                source = row_config(plan, plan.row(row.from_row))
+                assert row_config(plan, row).model == source.model, (name, row.name)
+    budget = load_plan("cpu-budget")
+    bf_rows = [row_config(budget, budget.row(r)) for r in ("twinvae-bf", "transfer-pc-to-bf")]
+    assert {c.data.split_seed for c in bf_rows} == {4}  # both BF rows select on the same chambers
+    assert all(c.model.standardize_input and c.train.num_threads == 1 for c in bf_rows)
+
+
 # --- training steps: resume, skip, refuse ----------------------------------------------------
 
 
