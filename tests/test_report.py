@@ -170,6 +170,18 @@ def test_report_renders_the_numbers_of_results_json_exactly(tmp_path: Path) -> N
     assert "13 of 13 test chambers also appear in train" in markdown
     assert "frame-level" in markdown
     assert "Test CPU 9000, 2 cores, torch 2.13.0, cpu" in markdown
+    # Table 2 methods without a row of ours are listed as not run (double transfer: PC only)
+    not_run = [line for line in markdown.splitlines() if line.startswith("| *not run*")]
+    pc_methods = {"twinvae-natural-only", "transfer", "double-transfer", "bit-resnet"}
+    bf_methods = {"twinvae-natural-only", "twinvae-max-acc", "bit-resnet", "watershed"}
+    expected = [PAPER_TABLE2[k].method for k in PAPER_TABLE2 if k in pc_methods] + [
+        PAPER_TABLE2[k].method for k in PAPER_TABLE2 if k in bf_methods
+    ]
+    assert [line.split("|")[2].strip() for line in not_run] == expected
+    double = PAPER_TABLE2["double-transfer"].pc
+    assert f"| {double.mae:.2f} | {double.mre_percent:.2f} | {double.accuracy_percent:.2f} |" in (
+        next(line for line in not_run if "double" in line)
+    )
     combined = json.loads(report.results.read_text())
     assert combined["format"] == REPORT_FORMAT
     assert [row["name"] for row in combined["rows"]] == ["twin-pc", "ws-pc", "transfer-bf"]

@@ -324,6 +324,28 @@ def _summary_table(rows: list[RowResult], modality: Modality) -> list[str]:
             f"{paper.train_seconds:,.0f} s" if paper and paper.train_seconds else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines + _not_run_rows(rows, modality)
+
+
+def _not_run_rows(rows: list[RowResult], modality: Modality) -> list[str]:
+    """Table 2 methods with numbers for ``modality`` that none of ``rows`` is compared with."""
+    compared = {r.data.get("paper") for r in rows if r.modality == modality}
+    lines = []
+    for key, paper_row in PAPER_TABLE2.items():
+        paper = paper_row.for_modality(modality)
+        if key in compared or paper.mae is None:
+            continue
+        cells = [
+            "*not run*",
+            paper_row.method,
+            *["-"] * 3,
+            fmt_paper(paper.mae, 2),
+            fmt_paper(paper.mre_percent, 2),
+            fmt_paper(paper.accuracy_percent, 2),
+            *["-"] * 7,
+            f"{paper.train_seconds:,.0f} s" if paper.train_seconds else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
