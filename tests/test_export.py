@@ -410,3 +410,13 @@ def test_check_images_come_from_the_real_test_split(cho_k1_root: Path) -> None:
     assert all(name.startswith("test/") for name in images.names)
     distance = np.abs(images.counts - np.median(images.counts))
     assert distance[0] == distance.min()  # the test image has a typical count
+
+
+def test_validate_command_defaults_to_the_library_tolerance() -> None:
+    import inspect
+
+    from twinvae.cli.export import validate_command
+    from twinvae.export.checks import DEFAULT_TOLERANCE
+
+    option = inspect.signature(validate_command).parameters["tolerance"].default
+    assert option.default == DEFAULT_TOLERANCE

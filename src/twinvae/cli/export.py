@@ -147,7 +147,10 @@ def validate_command(
         "pc", "--modality", help="Modality to read from a CHO-K1 root folder given as --data."
     ),
     tolerance: float = typer.Option(
-        1e-4, "--tolerance", min=0.0, help="Largest accepted difference between weight formats."
+        5e-3,  # = twinvae.export.checks.DEFAULT_TOLERANCE (not imported: the CLI starts fast)
+        "--tolerance",
+        min=0.0,
+        help="Largest accepted difference between weight formats, in counts.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:

@@ -42,8 +42,13 @@ from twinvae.export.network import COUNT_ID, INPUT_ID
 from twinvae.export.rdf import RDF_NAME
 from twinvae.fileio import sha256_file
 
-DEFAULT_TOLERANCE = 1e-4
-"""Largest accepted difference between weight formats, in counts (and mu units)."""
+DEFAULT_TOLERANCE = 5e-3
+"""Largest accepted difference between weight formats, in counts (and mu units).
+
+Trained full-size networks differ between ONNX Runtime and PyTorch by up to about 1e-3 counts
+in float32 (other convolution algorithms and summation orders; measured 8.8e-4 on a 60-epoch PC
+model), so 1e-4 rejected sound exports. 5e-3 cells is still far below the rounding that turns a
+prediction into a count, and within the tolerance the bundle declares to bioimage.io."""
 
 HTTP_TIMEOUT_S = 3.0
 """bioimageio may look up URLs of foreign bundles; offline, fail fast instead of hanging."""
