@@ -239,3 +239,19 @@ def test_double_transfer_runs_both_legs(
     leg2 = load_checkpoint(tmp_path / "double" / "leg2" / "last.pt").config
     assert leg2.transfer is not None and leg2.transfer.strategy == "frozen-core"
     assert leg2.transfer.from_checkpoint == str(tmp_path / "double" / "leg1" / "best.pt")
+
+
+def test_noise_augmentation_draws_a_level_per_image_up_to_noise_std() -> None:
+    """One fixed noise level biased the counts of clean images; the level now varies."""
+    from twinvae.config import AugmentConfig
+    from twinvae.training.augment import augment_batch
+
+    config = AugmentConfig(
+        flips=False, rot90=False, max_rotation_deg=0.0, crop_scale=1.0, noise_std=0.05
+    )
+    flat = torch.full((256, 1, 32, 32), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    levels = (augment_batch(flat, config, generator) - 0.5).flatten(1).std(dim=1)
+    assert float(levels.max()) <= 0.05 * 1.1
+    assert float(levels.min()) < 0.05 * 0.1  # some images are almost clean
+    assert 0.05 * 0.4 < float(levels.mean()) < 0.05 * 0.6  # uniform in [0, 0.05]

@@ -117,7 +117,9 @@ class AugmentConfig(_Strict):
     rot90: bool = True
     max_rotation_deg: float = Field(5.0, ge=0.0, le=45.0)
     crop_scale: float = Field(0.9, gt=0.5, le=1.0, description="smallest crop side, resized back")
-    noise_std: float = Field(0.02, ge=0.0, le=0.5)
+    noise_std: float = Field(
+        0.02, ge=0.0, le=0.5, description="largest std of the additive noise (uniform per image)"
+    )
 
 
 class TrainConfig(_Strict):

@@ -84,7 +84,7 @@ def _training_lines(config: ExperimentConfig, epoch: int) -> list[str]:
         "- Augmentation: "
         + (
             f"flips, 90 degree rotations, rotations up to {config.augment.max_rotation_deg:g} "
-            f"degrees, crops down to {config.augment.crop_scale:g}, noise std "
+            f"degrees, crops down to {config.augment.crop_scale:g}, noise std up to "
             f"{config.augment.noise_std:g}."
             if config.augment.enabled
             else "none."

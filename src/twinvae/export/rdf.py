@@ -160,7 +160,7 @@ def _training_details(config: ExperimentConfig, epoch: int) -> dict[str, Any]:
             + (
                 f"(flips {config.augment.flips}, rot90 {config.augment.rot90}, rotation <= "
                 f"{config.augment.max_rotation_deg} deg, crop scale >= "
-                f"{config.augment.crop_scale}, noise std {config.augment.noise_std})"
+                f"{config.augment.crop_scale}, noise std <= {config.augment.noise_std})"
                 if config.augment.enabled
                 else "off"
             )

@@ -58,7 +58,11 @@ def augment_batch(
             noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
         else:  # the device's own generator (seeded by torch.manual_seed) avoids a host copy
             noise = torch.randn_like(out)
-        out = (out + noise * config.noise_std).clamp_(0.0, 1.0)
+        # every image its own noise level in [0, noise_std]: with one fixed level the model only
+        # ever sees noisy images and counts clean ones with a bias (measured -2.5 cells on
+        # standardised bright-field images at std 0.02)
+        level = uniform(0.0, config.noise_std).to(device=device, dtype=out.dtype)
+        out = (out + noise * level.view(n, 1, 1, 1)).clamp_(0.0, 1.0)
     return out
 
 
