@@ -116,7 +116,13 @@ class AugmentConfig(_Strict):
     flips: bool = True
     rot90: bool = True
     max_rotation_deg: float = Field(5.0, ge=0.0, le=45.0)
-    crop_scale: float = Field(0.9, gt=0.5, le=1.0, description="smallest crop side, resized back")
+    crop_scale: float = Field(
+        0.9,
+        gt=0.5,
+        le=1.0,
+        description="smallest crop side, resized back; a crop keeps the label although it may "
+        "cut cells away (counts of whole images come out slightly high), 1.0 = no crops",
+    )
     noise_std: float = Field(
         0.02, ge=0.0, le=0.5, description="largest std of the additive noise (uniform per image)"
     )
