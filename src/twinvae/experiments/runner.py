@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from twinvae.experiments.plan import (
     final_modality,
     row_config,
 )
-from twinvae.fileio import sha256_file
+from twinvae.fileio import atomic_writer, sha256_file
 
 RESULT_FORMAT = "twinvae-experiment-row/1"
 Log = Callable[[str], None]
@@ -151,15 +150,8 @@ class RunContext:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON via a temporary file and rename, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps(payload, indent=2))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as stream:
+        stream.write(json.dumps(payload, indent=2))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ can use it without twinvae); this module adapts it to twinvae's errors, image se
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 from twinvae.data.imageset import ImageSet
 from twinvae.errors import DataError, ExportError
 from twinvae.evaluation.metrics import round_counts
+from twinvae.fileio import atomic_writer
 
 CSV_COLUMNS = ("file", "count", "count_rounded")
 
@@ -131,25 +130,14 @@ def predict_to_csv(
         raise DataError(str(error)) from None
     counts = np.array([count for _, count in results], dtype=np.float64)
     rounded = round_counts(counts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
+        with atomic_writer(out, replace=overwrite) as stream:
             writer = csv.writer(stream)
             writer.writerow(CSV_COLUMNS)
             for (file, count), whole in zip(results, rounded, strict=True):
                 writer.writerow([file, f"{count:.6f}", int(whole)])
-        if overwrite:
-            os.replace(temporary, out)
-        else:
-            os.link(temporary, out)
-            os.unlink(temporary)
     except FileExistsError:
-        Path(temporary).unlink(missing_ok=True)
         raise DataError(f"{out}: file exists; choose another name or pass --overwrite") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return PredictionSummary(
         out=out,
         images=len(results),

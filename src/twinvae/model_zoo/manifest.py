@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -13,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twinvae.errors import ConfigError
+from twinvae.fileio import atomic_writer
 
 MANIFEST_FILE = "collection.yaml"
 MANIFEST_FORMAT: Literal["twinvae-zoo/1"] = "twinvae-zoo/1"
@@ -135,12 +134,5 @@ def save_manifest(zoo_dir: Path, manifest: ZooManifest) -> None:
     """Write collection.yaml atomically (header comment, then the entries)."""
     zoo_dir.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, width=100)
-    path = zoo_dir / MANIFEST_FILE
-    handle, temporary = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=zoo_dir)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(_HEADER + body)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_writer(zoo_dir / MANIFEST_FILE) as stream:
+        stream.write(_HEADER + body)

@@ -41,6 +41,7 @@ from twinvae.export.images import (
     save_check_images,
 )
 from twinvae.export.rdf import BundleMetadata
+from twinvae.fileio import make_readable_like_new_file
 from twinvae.model_zoo.manifest import (
     MAX_WEIGHTS_BYTES,
     WEIGHTS_DIR,
@@ -200,6 +201,7 @@ def add_entry(
             written.append(images_path)
         state = {key: value.contiguous() for key, value in source.state.items()}
         save_file(state, str(weights), metadata={"format": SAFETENSORS_FORMAT})
+        make_readable_like_new_file(weights)  # safetensors writes its files as 0600
         written.append(weights)
         source.config.save(config_path)
         written.append(config_path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import yaml
 
 from twinvae.config import ExperimentConfig, config_from_dict
 from twinvae.errors import CheckpointError
+from twinvae.fileio import atomic_writer
 from twinvae.models.twin_vae import TwinVAE
 
 CHECKPOINT_FORMAT = "twinvae-checkpoint/1"
@@ -47,17 +46,8 @@ class Checkpoint:
 
 def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, binary=True) as stream:
+        torch.save(payload, stream)
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
