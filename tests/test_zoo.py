@@ -61,6 +61,20 @@ def test_repository_zoo_manifest_is_valid() -> None:
     assert (REPO_ZOO / "README.md").is_file()
 
 
+@pytest.mark.slow
+def test_repository_zoo_models_rebuild_into_valid_bundles() -> None:
+    """`twinvae zoo check` on the published models: weights verified, bundles fully validated."""
+    from twinvae.model_zoo.zoo import check_zoo
+
+    manifest = load_manifest(REPO_ZOO)
+    assert {entry.modality for entry in manifest.models} == {"bf", "pc"}
+    for entry in manifest.models:
+        assert {"mae", "mre", "accuracy"} <= {key.rsplit(".", 1)[-1] for key in entry.metrics}
+    results = check_zoo(REPO_ZOO)
+    assert [r.name for r in results] == [e.name for e in manifest.models]
+    assert all(r.passed for r in results), [r.detail for r in results if not r.passed]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
