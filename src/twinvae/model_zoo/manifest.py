@@ -132,7 +132,6 @@ def load_manifest(zoo_dir: Path) -> ZooManifest:
 
 def save_manifest(zoo_dir: Path, manifest: ZooManifest) -> None:
     """Write collection.yaml atomically (header comment, then the entries)."""
-    zoo_dir.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, width=100)
     with atomic_writer(zoo_dir / MANIFEST_FILE) as stream:
         stream.write(_HEADER + body)
