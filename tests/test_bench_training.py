@@ -12,10 +12,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from twinvae.config import ModelConfig, OptimConfig
-from twinvae.models.twin_vae import TwinVAE, fast_dropout
+from twinvae.models.twin_vae import TwinVAE, conv_transpose_by_phases, fast_dropout
 from twinvae.training import device as device_module
 from twinvae.training.trainer import make_optimizer
 
@@ -90,6 +91,33 @@ def test_fast_kernels_follow_bf16_autocast() -> None:
     output.recon.float().mean().backward()
     used = [*fast.encoders["natural"].parameters(), *fast.decoders["natural"].parameters()]
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in used)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "kernel", "stride", "channels_last", "bias"),
+    [(6, 1, 6, 2, True, True), (3, 2, 4, 2, False, False), (5, 1, 6, 3, True, True)],
+)
+def test_transposed_convolution_by_phases_matches_torch(
+    c_in: int, c_out: int, kernel: int, stride: int, channels_last: bool, bias: bool
+) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, c_in, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_in, c_out, kernel, kernel, dtype=torch.float64)
+    inputs = [x, weight] + ([torch.randn(c_out, dtype=torch.float64)] if bias else [])
+    leaves = [[t.clone().requires_grad_() for t in inputs] for _ in range(2)]
+    expected = F.conv_transpose2d(*leaves[0][:2], leaves[0][2] if bias else None, stride=stride)
+    output = conv_transpose_by_phases(
+        *leaves[1][:2], leaves[1][2] if bias else None, (stride, stride)
+    )
+    torch.testing.assert_close(output, expected)
+    upstream = torch.randn_like(expected)
+    (expected * upstream).sum().backward()
+    (output * upstream).sum().backward()
+    for reference, new in zip(leaves[0], leaves[1], strict=True):
+        assert reference.grad is not None and new.grad is not None
+        torch.testing.assert_close(new.grad, reference.grad)
 
 
 def test_fast_dropout_is_inverted_dropout_and_reproducible() -> None:

@@ -14,10 +14,11 @@ with c = base_channels (32 in the papers).
 ``TwinVAE.fast_kernels`` (off by default, switched on by the trainer) computes the same function
 faster for training (equal up to float rounding): the two 1-pixel shared layers as matrix
 products instead of convolutions; on the CPU, the outer decoders' transposed convolutions as the
-input gradient of a convolution (oneDNN's kernels for that are about twice as fast), the weight
-gradients of the 5-pixel layers as im2col + one matrix product, and dropout masks from numpy's
-SFC64 generator seeded from torch's RNG instead of torch's per-element Mersenne twister (a
-different, equally random mask). Measurements: benchmarks/README.md, "Training throughput".
+input gradient of a convolution (oneDNN's kernels for that are about twice as fast), the last
+one (to one channel) as one matrix product + shifted additions, the weight gradients of the
+5-pixel layers as im2col + one matrix product, and dropout masks from numpy's SFC64 generator
+seeded from torch's RNG instead of torch's per-element Mersenne twister (a different, equally
+random mask). Measurements: benchmarks/README.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> tor
             x = fast_dropout(x, layer.p)
         elif fast and isinstance(layer, nn.ConvTranspose2d) and _by_conv_grad(layer):
             x = conv_transpose_by_conv_grad(x, layer.weight, layer.bias, layer.stride)
+        elif fast and isinstance(layer, nn.ConvTranspose2d) and _by_phases(layer):
+            x = conv_transpose_by_phases(x, layer.weight, layer.bias, layer.stride)
         elif fast and isinstance(layer, nn.Conv2d) and _small_output(layer, x):
             x = conv2d_small_output(x, layer.weight, layer.bias, layer.stride)
         else:
@@ -114,6 +117,22 @@ def _by_conv_grad(layer: nn.ConvTranspose2d) -> bool:
         and layer.padding == (0, 0)
         and layer.output_padding == (0, 0)
         and layer.dilation == (1, 1)
+    )
+
+
+def _by_phases(layer: nn.ConvTranspose2d) -> bool:
+    """Plain transposed convolutions to one channel whose kernel is a multiple of the stride
+    (the last 6 x 6, stride 2 layer)."""
+    k_h, k_w = layer.kernel_size
+    s_h, s_w = layer.stride
+    return (
+        layer.out_channels == 1
+        and layer.groups == 1
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+        and k_h % s_h == 0
+        and k_w % s_w == 0
     )
 
 
@@ -255,6 +274,99 @@ class _ConvTransposeByConvGrad(torch.autograd.Function):
             grad_w = _conv_weight_grad(grad, x, w, ctx.stride).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3)).to(ctx.weight_dtype)  # accumulates in fp32 internally
+        return grad_x, grad_w, grad_b, None
+
+
+def conv_transpose_by_phases(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
+) -> torch.Tensor:
+    """``F.conv_transpose2d(x, weight, bias, stride)`` (no padding, kernel a multiple of the
+    stride) as one matrix product and shifted additions.
+
+    With kernel ``k = m * s``, output pixel ``(s * I + a, s * J + b)`` only receives the taps
+    ``(s * p + a, s * q + b)`` from input pixel ``(I - p, J - q)``: the product of every input
+    pixel with every tap, then ``m * m`` shifted additions per output phase ``(a, b)``. oneDNN's
+    kernels for a transposed convolution to one channel run at a tenth of its usual speed; this
+    is about twice as fast for the step. Sums are taken in fp32. Follows autocast like
+    ``F.conv_transpose2d``.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    return _ConvTransposeByPhases.apply(x, weight, bias, list(stride))
+
+
+def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N * H * W, C); no copy for channels_last tensors."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class _ConvTransposeByPhases(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: list[int],
+    ) -> torch.Tensor:
+        n, c_in, height, width = x.shape
+        c_out, (k_h, k_w), (s_h, s_w) = weight.shape[1], weight.shape[2:], stride
+        m_h, m_w = k_h // s_h, k_w // s_w
+        taps = weight.to(x.dtype).reshape(c_in, -1).t()  # (c_out * k_h * k_w, c_in)
+        # every pixel times every tap, laid out (c_out, p, a, q, b, n, i, j), kernel row s*p + a
+        products = (taps @ _pixel_rows(x).t()).view(c_out, m_h, s_h, m_w, s_w, n, height, width)
+        phases = torch.zeros(
+            (c_out, s_h, s_w, n, height + m_h - 1, width + m_w - 1),
+            dtype=torch.promote_types(x.dtype, torch.float32),
+            device=x.device,
+        )
+        if bias is not None:
+            phases += bias.to(phases.dtype).view(-1, 1, 1, 1, 1, 1)
+        for p in range(m_h):
+            for q in range(m_w):
+                phases[:, :, :, :, p : p + height, q : q + width] += products[:, p, :, q]
+        # phases (c_out, a, b, n, I, J) -> image (n, c_out, s * I + a, s * J + b)
+        out = phases.permute(3, 0, 4, 1, 5, 2).reshape(
+            n, c_out, s_h * (height + m_h - 1), s_w * (width + m_w - 1)
+        )
+        ctx.save_for_backward(x, taps)
+        ctx.geometry = (m_h, m_w, s_h, s_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, taps = ctx.saved_tensors
+        m_h, m_w, s_h, s_w = ctx.geometry
+        n, c_in, height, width = x.shape
+        c_out = grad.shape[1]
+        # the image gradient as phases (c_out, a, b, n, I, J), then gathered per tap (the
+        # transpose of the shifted additions)
+        grad_phases = grad.to(x.dtype).reshape(
+            n, c_out, height + m_h - 1, s_h, width + m_w - 1, s_w
+        ).permute(1, 3, 5, 0, 2, 4)
+        grad_products = torch.empty(
+            c_out, m_h, s_h, m_w, s_w, n, height, width, dtype=x.dtype, device=x.device
+        )
+        for p in range(m_h):
+            for q in range(m_w):
+                grad_products[:, p, :, q] = grad_phases[..., p : p + height, q : q + width]
+        grad_products = grad_products.view(taps.shape[0], -1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (n * h * w, c_in): channels_last
+            grad_rows = grad_products.t() @ taps
+            grad_x = grad_rows.view(n, height, width, c_in).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_taps = grad_products @ _pixel_rows(x)  # (c_out * k_h * k_w, c_in)
+            grad_w = grad_taps.t().reshape(c_in, c_out, m_h * s_h, m_w * s_w)
+            grad_w = grad_w.to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            grad_b = grad.sum((0, 2, 3), dtype=wide).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_b, None
 
 
