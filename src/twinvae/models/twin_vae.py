@@ -372,9 +372,11 @@ class _ConvTransposeByPhases(torch.autograd.Function):
         c_out = grad.shape[1]
         # the image gradient as phases (c_out, a, b, n, I, J), then gathered per tap (the
         # transpose of the shifted additions)
-        grad_phases = grad.to(x.dtype).reshape(
-            n, c_out, height + m_h - 1, s_h, width + m_w - 1, s_w
-        ).permute(1, 3, 5, 0, 2, 4)
+        grad_phases = (
+            grad.to(x.dtype)
+            .reshape(n, c_out, height + m_h - 1, s_h, width + m_w - 1, s_w)
+            .permute(1, 3, 5, 0, 2, 4)
+        )
         grad_products = torch.empty(
             c_out, m_h, s_h, m_w, s_w, n, height, width, dtype=x.dtype, device=x.device
         )
