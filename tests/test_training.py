@@ -255,3 +255,13 @@ def test_noise_augmentation_draws_a_level_per_image_up_to_noise_std() -> None:
     assert float(levels.max()) <= 0.05 * 1.1
     assert float(levels.min()) < 0.05 * 0.1  # some images are almost clean
     assert 0.05 * 0.4 < float(levels.mean()) < 0.05 * 0.6  # uniform in [0, 0.05]
+
+
+def test_augmentation_grid_matches_torch_affine_grid() -> None:
+    import torch.nn.functional as F
+
+    from twinvae.training.augment import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(4))
+    expected = F.affine_grid(theta, [5, 1, 24, 40], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, 24, 40), expected)
