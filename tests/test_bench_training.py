@@ -69,11 +69,55 @@ def test_fast_kernels_compute_the_reference_function(
         assert output.recon is not None
         (output.recon.square().sum() + output.count.sum() + output.logvar.sum()).backward()
     torch.testing.assert_close(outputs[1].recon, outputs[0].recon)
+    for (name, ref_buffer), new_buffer in zip(
+        reference.named_buffers(), fast.buffers(), strict=True
+    ):  # batch-norm running statistics, also where fast_kernels skip a cancelled bias
+        torch.testing.assert_close(new_buffer, ref_buffer, msg=name)
     for (name, ref), new in zip(reference.named_parameters(), fast.parameters(), strict=True):
         assert (ref.grad is None) == (new.grad is None), name
         if ref.grad is not None and not name.endswith("bias"):  # biases before BatchNorm: ~0
             scale = float(ref.grad.abs().max())
             torch.testing.assert_close(new.grad, ref.grad, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bias_before_batch_norm_is_skipped_exactly(momentum: float | None) -> None:
+    """fast_kernels do not add a transposed convolution's bias that the next batch norm
+    removes; outputs, gradients and running statistics stay those of the reference."""
+    from twinvae.models.twin_vae import _FastSequential
+
+    torch.manual_seed(5)
+    reference = _FastSequential(
+        nn.ConvTranspose2d(3, 4, kernel_size=3, stride=2),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.LeakyReLU(0.2),
+    )
+    with torch.no_grad():
+        reference[0].bias.copy_(torch.tensor([3.0, -2.0, 0.5, 1.0]))
+    fast = copy.deepcopy(reference)
+    fast.fast_kernels = True
+    x = torch.randn(2, 3, 5, 5)
+    for step in range(2):
+        outputs = [model(x + step) for model in (reference, fast)]
+        torch.testing.assert_close(outputs[1], outputs[0])
+        for output in outputs:
+            output.square().sum().backward()
+    assert fast[1].running_mean.abs().max() > 0.5  # the bias shows in the running mean
+    states = [[*model.buffers(), *model.parameters()] for model in (reference, fast)]
+    for ref_tensor, new_tensor in zip(*states, strict=True):
+        torch.testing.assert_close(new_tensor, ref_tensor)
+    named = zip(reference.named_parameters(), fast.parameters(), strict=True)
+    for (name, ref_param), new_param in named:
+        assert ref_param.grad is not None and new_param.grad is not None
+        if name != "0.bias":
+            torch.testing.assert_close(new_param.grad, ref_param.grad, atol=1e-5, rtol=1e-4)
+    # the reference's bias gradient is rounding noise around the exact value 0
+    scale = float(reference[0].weight.grad.abs().max())
+    assert float(reference[0].bias.grad.abs().max()) < 1e-5 * scale
+    assert torch.equal(fast[0].bias.grad, torch.zeros(4))
+    fast.eval()
+    reference.eval()
+    torch.testing.assert_close(fast(x), reference(x))
 
 
 def test_fast_kernels_follow_bf16_autocast() -> None:

@@ -116,23 +116,59 @@ _OUTPUT_NOT_SAVED = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)
 
 def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> torch.Tensor:
     fast = fast and x.device.type == "cpu"
+    layers = list(layers)
     previous: nn.Module | None = None
-    for layer in layers:
+    cancelled_bias: torch.Tensor | None = None
+    for index, layer in enumerate(layers):
+        following = layers[index + 1] if index + 1 < len(layers) else None
         if fast and isinstance(layer, nn.LeakyReLU) and isinstance(previous, _OUTPUT_NOT_SAVED):
             # in place on a fresh output nobody else keeps: one pass over memory less
             x = F.leaky_relu_(x, layer.negative_slope)
         elif fast and isinstance(layer, nn.Dropout) and layer.training:
             x = fast_dropout(x, layer.p)
         elif fast and isinstance(layer, nn.ConvTranspose2d) and _by_conv_grad(layer):
-            x = conv_transpose_by_conv_grad(x, layer.weight, layer.bias, layer.stride)
+            cancels = layer.bias is not None and _uses_batch_statistics(following)
+            x = conv_transpose_by_conv_grad(
+                x, layer.weight, layer.bias, layer.stride, bias_cancelled=cancels
+            )
+            cancelled_bias = layer.bias if cancels else None
         elif fast and isinstance(layer, nn.ConvTranspose2d) and _by_phases(layer):
             x = conv_transpose_by_phases(x, layer.weight, layer.bias, layer.stride)
         elif fast and isinstance(layer, nn.Conv2d) and _small_output(layer, x):
             x = conv2d_small_output(x, layer.weight, layer.bias, layer.stride)
         else:
             x = layer(x)
+            if cancelled_bias is not None:
+                assert isinstance(layer, nn.BatchNorm2d)
+                _add_bias_to_running_mean(layer, cancelled_bias)
+        if not isinstance(layer, nn.ConvTranspose2d):
+            cancelled_bias = None
         previous = layer
     return x
+
+
+def _uses_batch_statistics(layer: nn.Module | None) -> bool:
+    """Whether ``layer`` is a batch norm that normalises with the statistics of its batch.
+
+    A constant per-channel bias added right before such a layer cancels out: the layer's output
+    does not depend on it and its gradient is exactly zero. Only the running mean sees it.
+    """
+    return isinstance(layer, nn.BatchNorm2d) and (layer.training or layer.running_mean is None)
+
+
+@torch.no_grad()
+def _add_bias_to_running_mean(norm: nn.BatchNorm2d, bias: torch.Tensor) -> None:
+    """The running-mean update ``norm`` would have made had ``bias`` been added to its input."""
+    if not norm.training or norm.running_mean is None:
+        return
+    if norm.momentum is None:  # cumulative average, as nn.BatchNorm2d computes it
+        assert norm.num_batches_tracked is not None
+        factor = 1.0 / float(norm.num_batches_tracked)
+    else:
+        factor = norm.momentum
+    # ``.data``: autograd saved the running mean for the backward of batch_norm, which in
+    # training mode does not read it; a tracked in-place update would fail its version check
+    norm.running_mean.data.add_(bias.to(norm.running_mean.dtype), alpha=factor)
 
 
 def _by_conv_grad(layer: nn.ConvTranspose2d) -> bool:
@@ -251,18 +287,24 @@ class _Conv2dSmallOutput(torch.autograd.Function):
 
 
 def conv_transpose_by_conv_grad(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    bias_cancelled: bool = False,
 ) -> torch.Tensor:
     """``F.conv_transpose2d(x, weight, bias, stride)`` (no padding) via convolution kernels.
 
     A transposed convolution is the input gradient of a convolution; oneDNN computes that with
     its fast convolution kernels, while its transposed-convolution forward kernel is slower.
-    Follows autocast like ``F.conv_transpose2d``.
+    ``bias_cancelled``: a batch norm with batch statistics follows, which removes any constant
+    per-channel bias, so the bias is not added and its gradient is zero (two passes over the
+    output saved). Follows autocast like ``F.conv_transpose2d``.
     """
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
-    return _ConvTransposeByConvGrad.apply(x, weight, bias, list(stride))
+    return _ConvTransposeByConvGrad.apply(x, weight, bias, list(stride), bias_cancelled)
 
 
 class _ConvTransposeByConvGrad(torch.autograd.Function):
@@ -273,6 +315,7 @@ class _ConvTransposeByConvGrad(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         stride: list[int],
+        bias_cancelled: bool,
     ) -> torch.Tensor:
         w = weight.to(x.dtype)
         n, _, height, width = x.shape
@@ -281,18 +324,19 @@ class _ConvTransposeByConvGrad(torch.autograd.Function):
         layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         shape_only = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=layout)
         out = _conv_backward(x, shape_only, w, stride, data=True)
-        if bias is not None:
+        if bias is not None and not bias_cancelled:
             out.add_(bias.to(x.dtype).view(1, -1, 1, 1))
         ctx.save_for_backward(x, w)
         ctx.stride = stride
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
+        ctx.bias_cancelled = bias_cancelled
         return out
 
     @staticmethod
     def backward(
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         x, w = ctx.saved_tensors
         grad = grad.to(x.dtype)
         grad_x = grad_w = grad_b = None
@@ -301,8 +345,11 @@ class _ConvTransposeByConvGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # the conv whose input gradient this layer computes
             grad_w = _conv_weight_grad(grad, x, w, ctx.stride).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3)).to(ctx.weight_dtype)  # accumulates in fp32 internally
-        return grad_x, grad_w, grad_b, None
+            if ctx.bias_cancelled:  # what the sum below gives in exact arithmetic
+                grad_b = torch.zeros(w.shape[1], dtype=ctx.weight_dtype, device=grad.device)
+            else:
+                grad_b = grad.sum((0, 2, 3)).to(ctx.weight_dtype)  # accumulates in fp32
+        return grad_x, grad_w, grad_b, None, None
 
 
 def conv_transpose_by_phases(
