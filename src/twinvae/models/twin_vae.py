@@ -82,7 +82,12 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * (multiplier.as_strided(x.shape, x.stride()) if dense else multiplier.view(x.shape))
 
 
-_SAME_SIZE_INT = {2: (np.uint16, np.int16, torch.int16), 4: (np.uint32, np.int32, torch.int32)}
+_SAME_SIZE_INT: dict[
+    int, tuple[type[np.unsignedinteger[Any]], type[np.signedinteger[Any]], torch.dtype]
+] = {
+    2: (np.uint16, np.int16, torch.int16),
+    4: (np.uint32, np.int32, torch.int32),
+}
 
 
 def _keep_multiplier(keep: np.ndarray, scale: float, dtype: torch.dtype) -> torch.Tensor:

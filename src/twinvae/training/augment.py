@@ -72,10 +72,10 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     Written as two broadcast multiply-adds; torch's version is a batched matrix product with
     three-element rows, four times slower on the CPU.
     """
-    kw = {"dtype": theta.dtype, "device": theta.device}
-    xs = (torch.arange(width, **kw) * 2 + 1) / width - 1  # pixel centres in [-1, 1]
-    ys = (torch.arange(height, **kw) * 2 + 1) / height - 1
-    grid = torch.empty(theta.shape[0], height, width, 2, **kw)
+    dtype, device = theta.dtype, theta.device
+    xs = (torch.arange(width, dtype=dtype, device=device) * 2 + 1) / width - 1  # pixel centres
+    ys = (torch.arange(height, dtype=dtype, device=device) * 2 + 1) / height - 1
+    grid = torch.empty(theta.shape[0], height, width, 2, dtype=dtype, device=device)
     for axis in range(2):
         row = theta[:, axis].view(-1, 3, 1, 1)
         offset = row[:, 1] * ys.view(1, -1, 1) + row[:, 2]  # (N, H, 1)
