@@ -16,9 +16,11 @@ faster for training (equal up to float rounding): the two 1-pixel shared layers 
 products instead of convolutions; on the CPU, the outer decoders' transposed convolutions as the
 input gradient of a convolution (oneDNN's kernels for that are about twice as fast), the last
 one (to one channel) as one matrix product + shifted additions, the weight gradients of the
-5-pixel layers as im2col + one matrix product, and dropout masks from numpy's SFC64 generator
-seeded from torch's RNG instead of torch's per-element Mersenne twister (a different, equally
-random mask). Measurements: benchmarks/README.md, "Training throughput".
+5-pixel layers as im2col + one matrix product, LeakyReLU + dropout as one fused C kernel
+(`cpu_kernels`, compiled on first use; without a compiler, dropout masks from numpy's SFC64
+generator), both seeded from torch's RNG instead of torch's per-element Mersenne twister (a
+different, equally random mask), LeakyReLU in place, and no bias before a batch norm that
+cancels it. Measurements: benchmarks/README.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinvae.config import ModelConfig
+from twinvae.models import cpu_kernels
 
 DomainName = Literal["natural", "synthetic"]
 DOMAINS: tuple[DomainName, DomainName] = ("natural", "synthetic")
@@ -124,9 +127,22 @@ def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> tor
     layers = list(layers)
     previous: nn.Module | None = None
     cancelled_bias: torch.Tensor | None = None
+    skip = False
     for index, layer in enumerate(layers):
         following = layers[index + 1] if index + 1 < len(layers) else None
-        if fast and isinstance(layer, nn.LeakyReLU) and isinstance(previous, _OUTPUT_NOT_SAVED):
+        fresh = isinstance(previous, _OUTPUT_NOT_SAVED)
+        if skip:
+            skip = False
+        elif (
+            fast
+            and isinstance(layer, nn.LeakyReLU)
+            and isinstance(following, nn.Dropout)
+            and following.training
+            and cpu_kernels.supports(x)
+        ):
+            x = cpu_kernels.leaky_dropout(x, layer.negative_slope, following.p, inplace=fresh)
+            skip = True  # the dropout is done
+        elif fast and isinstance(layer, nn.LeakyReLU) and fresh:
             # in place on a fresh output nobody else keeps: one pass over memory less
             x = F.leaky_relu_(x, layer.negative_slope)
         elif fast and isinstance(layer, nn.Dropout) and layer.training:
