@@ -80,8 +80,11 @@ def test_fast_kernels_compute_the_reference_function(
             torch.testing.assert_close(new.grad, ref.grad, rtol=0, atol=1e-4 * scale, msg=name)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])  # True: the fused C kernel, if built
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_bias_before_batch_norm_is_skipped_exactly(momentum: float | None) -> None:
+def test_bias_before_batch_norm_is_skipped_exactly(
+    momentum: float | None, channels_last: bool
+) -> None:
     """fast_kernels do not add a transposed convolution's bias that the next batch norm
     removes; outputs, gradients and running statistics stay those of the reference."""
     from twinvae.models.twin_vae import _FastSequential
@@ -97,6 +100,8 @@ def test_bias_before_batch_norm_is_skipped_exactly(momentum: float | None) -> No
     fast = copy.deepcopy(reference)
     fast.fast_kernels = True
     x = torch.randn(2, 3, 5, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for step in range(2):
         outputs = [model(x + step) for model in (reference, fast)]
         torch.testing.assert_close(outputs[1], outputs[0])
@@ -109,11 +114,12 @@ def test_bias_before_batch_norm_is_skipped_exactly(momentum: float | None) -> No
     named = zip(reference.named_parameters(), fast.parameters(), strict=True)
     for (name, ref_param), new_param in named:
         assert ref_param.grad is not None and new_param.grad is not None
-        if name != "0.bias":
-            torch.testing.assert_close(new_param.grad, ref_param.grad, atol=1e-5, rtol=1e-4)
+        if name != "0.bias":  # float rounding, relative to the largest entry
+            scale = float(ref_param.grad.abs().max())
+            torch.testing.assert_close(new_param.grad, ref_param.grad, atol=2e-5 * scale, rtol=0)
     # the reference's bias gradient is rounding noise around the exact value 0
     scale = float(reference[0].weight.grad.abs().max())
-    assert float(reference[0].bias.grad.abs().max()) < 1e-5 * scale
+    assert float(reference[0].bias.grad.abs().max()) < 1e-4 * scale
     assert torch.equal(fast[0].bias.grad, torch.zeros(4))
     fast.eval()
     reference.eval()

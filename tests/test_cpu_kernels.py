@@ -132,14 +132,83 @@ def test_training_forward_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch)
         return fused(x, slope, p, inplace)
 
     monkeypatch.setattr(cpu_kernels, "leaky_dropout", counting)
+    norms: list[int] = []
+    fused_norm = cpu_kernels.batch_norm_leaky
+
+    def counting_norm(x: torch.Tensor, norm: torch.nn.BatchNorm2d, slope: float) -> torch.Tensor:
+        norms.append(x.shape[-1])
+        return fused_norm(x, norm, slope)
+
+    monkeypatch.setattr(cpu_kernels, "batch_norm_leaky", counting_norm)
     model = TwinVAE(ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,)))
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.fast_kernels = True
-    output = model(torch.rand(2, 1, 128, 128), "natural")
+    images = torch.rand(2, 1, 128, 128).contiguous(memory_format=torch.channels_last)
+    output = model(images, "natural")
     assert output.recon is not None
     output.recon.mean().backward()
     # the four outer encoder blocks, the shared encoder block and the regressor's hidden layer
     assert (2, 4, 62, 62) in calls and len(calls) == 6
+    assert norms == [5, 13, 29, 61, 62]  # the decoder's batch norms, by output size
     model.eval()
     calls.clear()
-    model(torch.rand(2, 1, 128, 128), "natural")
-    assert calls == []  # no dropout at inference
+    norms.clear()
+    model(images, "natural")
+    assert calls == [] and norms == []  # no dropout and running statistics at inference
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("momentum", "affine"), [(0.1, True), (None, True), (0.1, False)])
+def test_batch_norm_leaky_matches_torch(
+    dtype: torch.dtype, momentum: float | None, affine: bool
+) -> None:
+    import copy
+
+    torch.manual_seed(1)
+    reference = torch.nn.BatchNorm2d(8, momentum=momentum, affine=affine)
+    if affine:
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-0.5, 0.5)
+    fused = copy.deepcopy(reference)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    for step in range(2):
+        x = (torch.randn(4, 8, 9, 11) * 2 + step).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        leaves = [x.clone().requires_grad_() for _ in range(2)]
+        expected = F.leaky_relu(reference(leaves[0]), 0.2)
+        output = cpu_kernels.batch_norm_leaky(leaves[1], fused, 0.2)
+        assert output.dtype == dtype and output.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(output.float(), expected.float(), **tolerance)
+        upstream = torch.randn_like(expected)
+        expected.backward(upstream)
+        output.backward(upstream)
+        assert leaves[0].grad is not None and leaves[1].grad is not None
+        torch.testing.assert_close(leaves[1].grad.float(), leaves[0].grad.float(), **tolerance)
+    for (name, ref), new in zip(reference.named_parameters(), fused.parameters(), strict=True):
+        assert ref.grad is not None and new.grad is not None
+        scale = float(ref.grad.abs().max())
+        torch.testing.assert_close(new.grad, ref.grad, rtol=0, atol=1e-2 * scale, msg=name)
+    for (name, ref), new in zip(reference.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(new, ref, msg=name)
+
+
+@needs_kernels
+def test_batch_norm_leaky_is_independent_of_threads() -> None:
+    x = torch.randn(8, 16, 40, 40).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            norm = torch.nn.BatchNorm2d(16)
+            leaf = x.clone().requires_grad_()
+            output = cpu_kernels.batch_norm_leaky(leaf, norm, 0.2)
+            output.square().sum().backward()
+            assert leaf.grad is not None and norm.weight.grad is not None
+            results.append((output, leaf.grad, norm.weight.grad, norm.running_var))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0], strict=True))

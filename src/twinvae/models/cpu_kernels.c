@@ -2,14 +2,18 @@
  *
  * LeakyReLU followed by inverted dropout, forward and backward, in one pass over memory. The
  * dropout mask is not stored: it is a hash of the element index and the seed, which the
- * backward pass recomputes. Every function works on
- * the elements [start, stop) of a dense tensor in memory order, so that callers may split the
- * work between threads; results do not depend on the split.
+ * backward pass recomputes. Every function works on the elements [start, stop) of a dense
+ * tensor in memory order; results do not depend on the number of threads.
  *
  * bf16 values are handled as their uint16 bit patterns (rounding to nearest even).
  */
 #include <stdint.h>
 #include <string.h>
+
+/* Loops over elements, rows or chunks are split between `threads` OpenMP threads. Built
+ * with -fopenmp against the OpenMP runtime torch already loaded (libgomp.so.1), they run on
+ * torch's own threads; without OpenMP the pragmas are ignored and the kernels run on one. */
+#define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static)")
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -47,10 +51,11 @@ static inline float factor(float x, int64_t i, uint32_t key0, uint32_t key1, uin
 
 #define KERNEL_ARGS                                                                        \
     int64_t start, int64_t stop, uint32_t key0, uint32_t key1, uint32_t threshold, float slope, \
-        float scale
+        float scale, int threads
 #define FACTOR(x) factor((x), i, key0, key1, threshold, slope, scale)
 
 void leaky_dropout_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y, KERNEL_ARGS) {
+    PARALLEL_FOR
     for (int64_t i = start; i < stop; ++i) {
         float value = bf16_to_float(x[i]);
         y[i] = float_to_bf16(value * FACTOR(value));
@@ -58,6 +63,7 @@ void leaky_dropout_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y
 }
 
 void leaky_dropout_forward_f32(const float *restrict x, float *restrict y, KERNEL_ARGS) {
+    PARALLEL_FOR
     for (int64_t i = start; i < stop; ++i) y[i] = x[i] * FACTOR(x[i]);
 }
 
@@ -65,11 +71,108 @@ void leaky_dropout_forward_f32(const float *restrict x, float *restrict y, KERNE
  * factor is then positive), and dropped elements get a zero gradient anyway, so y suffices. */
 void leaky_dropout_backward_bf16(const uint16_t *restrict grad, const uint16_t *restrict y,
                                  uint16_t *restrict grad_x, KERNEL_ARGS) {
+    PARALLEL_FOR
     for (int64_t i = start; i < stop; ++i)
         grad_x[i] = float_to_bf16(bf16_to_float(grad[i]) * FACTOR(bf16_to_float(y[i])));
 }
 
 void leaky_dropout_backward_f32(const float *restrict grad, const float *restrict y,
                                 float *restrict grad_x, KERNEL_ARGS) {
+    PARALLEL_FOR
     for (int64_t i = start; i < stop; ++i) grad_x[i] = grad[i] * FACTOR(y[i]);
 }
+
+/* Batch norm (training, batch statistics) followed by LeakyReLU, for channels-last tensors
+ * seen as rows x channels. Statistics are summed in double per chunk of rows, and the caller
+ * adds the chunks in a fixed order, so that they do not depend on the number of threads. z = x * a + b is the
+ * normalised pre-activation (a = weight * invstd, b = bias - mean * a, per channel). */
+
+#define LOAD_bf16(p) bf16_to_float(p)
+#define LOAD_f32(p) (p)
+#define STORE_bf16(v) float_to_bf16(v)
+#define STORE_f32(v) (v)
+
+#define BATCH_NORM_LEAKY_KERNELS(SUFFIX, T)                                                     \
+    void bn_stats_##SUFFIX(const T *restrict x, double *restrict sums,                          \
+                           double *restrict squares, int64_t first_chunk, int64_t last_chunk,   \
+                           int64_t rows, int64_t channels, int64_t chunk_rows, int threads) {   \
+        PARALLEL_FOR                                                                            \
+        for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {                        \
+            double *sum = sums + chunk * channels, *square = squares + chunk * channels;        \
+            for (int64_t c = 0; c < channels; ++c) sum[c] = square[c] = 0.0;                     \
+            int64_t stop = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;   \
+            for (int64_t r = chunk * chunk_rows; r < stop; ++r) {                               \
+                const T *row = x + r * channels;                                                \
+                for (int64_t c = 0; c < channels; ++c) {                                        \
+                    double v = LOAD_##SUFFIX(row[c]);                                           \
+                    sum[c] += v;                                                                \
+                    square[c] += v * v;                                                         \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    void bn_leaky_forward_##SUFFIX(const T *restrict x, T *restrict y, const float *restrict a, \
+                                   const float *restrict b, int64_t first_row, int64_t last_row,\
+                                   int64_t channels, float slope, int threads) {                \
+        PARALLEL_FOR                                                                            \
+        for (int64_t r = first_row; r < last_row; ++r) {                                        \
+            const T *in = x + r * channels;                                                     \
+            T *out = y + r * channels;                                                          \
+            for (int64_t c = 0; c < channels; ++c) {                                            \
+                float z = LOAD_##SUFFIX(in[c]) * a[c] + b[c];                                   \
+                out[c] = STORE_##SUFFIX(z > 0.0f ? z : z * slope);                              \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    /* Per chunk: sum of g' and of g' * xhat, g' = grad * LeakyReLU'(z). */                     \
+    void bn_leaky_backward_stats_##SUFFIX(                                                      \
+        const T *restrict grad, const T *restrict x, const float *restrict a,                   \
+        const float *restrict b, const float *restrict mean, const float *restrict invstd,      \
+        double *restrict sums, double *restrict products, int64_t first_chunk,                  \
+        int64_t last_chunk, int64_t rows, int64_t channels, int64_t chunk_rows, float slope,    \
+        int threads) {                                                                          \
+        PARALLEL_FOR                                                                            \
+        for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {                        \
+            double *sum = sums + chunk * channels, *product = products + chunk * channels;      \
+            for (int64_t c = 0; c < channels; ++c) sum[c] = product[c] = 0.0;                    \
+            int64_t stop = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;   \
+            for (int64_t r = chunk * chunk_rows; r < stop; ++r) {                               \
+                const T *g_row = grad + r * channels, *x_row = x + r * channels;                \
+                for (int64_t c = 0; c < channels; ++c) {                                        \
+                    float v = LOAD_##SUFFIX(x_row[c]);                                          \
+                    float z = v * a[c] + b[c];                                                  \
+                    float g = LOAD_##SUFFIX(g_row[c]);                                          \
+                    g = z > 0.0f ? g : g * slope;                                               \
+                    sum[c] += g;                                                                \
+                    product[c] += (double)g * ((v - mean[c]) * invstd[c]);                      \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    /* grad_x = k * (g' - mean_g - xhat * mean_gx), k = weight * invstd. */                     \
+    void bn_leaky_backward_##SUFFIX(                                                            \
+        const T *restrict grad, const T *restrict x, T *restrict grad_x,                        \
+        const float *restrict a, const float *restrict b, const float *restrict mean,           \
+        const float *restrict invstd, const float *restrict k, const float *restrict mean_g,    \
+        const float *restrict mean_gx, int64_t first_row, int64_t last_row, int64_t channels,   \
+        float slope, int threads) {                                                             \
+        PARALLEL_FOR                                                                            \
+        for (int64_t r = first_row; r < last_row; ++r) {                                        \
+            const T *g_row = grad + r * channels, *x_row = x + r * channels;                    \
+            T *out = grad_x + r * channels;                                                     \
+            for (int64_t c = 0; c < channels; ++c) {                                            \
+                float v = LOAD_##SUFFIX(x_row[c]);                                              \
+                float z = v * a[c] + b[c];                                                      \
+                float g = LOAD_##SUFFIX(g_row[c]);                                              \
+                g = z > 0.0f ? g : g * slope;                                                   \
+                float xhat = (v - mean[c]) * invstd[c];                                         \
+                out[c] = STORE_##SUFFIX(k[c] * (g - mean_g[c] - xhat * mean_gx[c]));            \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+BATCH_NORM_LEAKY_KERNELS(bf16, uint16_t)
+BATCH_NORM_LEAKY_KERNELS(f32, float)

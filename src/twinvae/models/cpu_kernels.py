@@ -1,15 +1,21 @@
 """Fused element-wise CPU kernels for training, compiled from ``cpu_kernels.c`` on first use.
 
-PyTorch runs LeakyReLU and dropout as separate passes over memory (and draws the dropout mask
-with a slow per-element generator); at the 62 x 62 px layers these passes cost more than some
-convolutions. ``leaky_dropout`` does both in one pass, forward and backward, and never stores
-the mask (it is a hash of the element index and a seed drawn from torch's RNG, so
-``torch.manual_seed`` makes runs reproducible).
+PyTorch runs LeakyReLU, dropout and batch norm as separate passes over memory (and draws
+dropout masks with a slow per-element generator); at the 61 and 62 px layers these passes cost
+more than some convolutions. Two fused operations, forward and backward:
 
+- ``leaky_dropout``: LeakyReLU + inverted dropout in one pass. The mask is never stored: it is
+  a hash of the element index and a seed drawn from torch's RNG (``torch.manual_seed`` makes
+  runs reproducible), which the backward pass recomputes.
+- ``batch_norm_leaky``: batch norm with batch statistics + LeakyReLU in two passes (statistics,
+  then output), backward in two; statistics are summed in double.
+
+Results do not depend on the number of threads. The kernels use OpenMP on torch's threads
+(built with ``-fopenmp`` against the ``libgomp`` torch loaded; without OpenMP on one thread).
 The C source is compiled with the system C compiler (``$CC``, else ``cc``) into a cache folder
 (``$TWINVAE_CACHE``, else ``$XDG_CACHE_HOME/twinvae``, else ``~/.cache/twinvae``), once per
 source, compiler and CPU. Without a compiler, or with ``TWINVAE_CPU_KERNELS=0``, ``available()``
-is False and callers use PyTorch's ops (same function, slower).
+is False and callers use PyTorch's ops (same function up to rounding, slower).
 """
 
 from __future__ import annotations
@@ -22,8 +28,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +35,21 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
-_FUNCTIONS = {
-    "leaky_dropout_forward": 2,  # number of leading pointer arguments
-    "leaky_dropout_backward": 3,
+_P, _I, _U, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # name (without dtype suffix) -> argument types; the last is the thread count
+    "leaky_dropout_forward": [_P, _P, _I, _I, _U, _U, _U, _F, _F, _T],
+    "leaky_dropout_backward": [_P, _P, _P, _I, _I, _U, _U, _U, _F, _F, _T],
+    "bn_stats": [_P, _P, _P, _I, _I, _I, _I, _I, _T],
+    "bn_leaky_forward": [_P, _P, _P, _P, _I, _I, _I, _F, _T],
+    "bn_leaky_backward_stats": [*[_P] * 8, *[_I] * 5, _F, _T],
+    "bn_leaky_backward": [*[_P] * 10, *[_I] * 3, _F, _T],
 }
-_SCALARS = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_uint32] * 3 + [ctypes.c_float] * 2
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-# below this many elements one thread does the whole tensor
-_ELEMENTS_PER_THREAD = 1 << 16
+# batch-norm statistics are summed per chunk of this many rows (pixels), then over chunks
+_CHUNK_ROWS = 1024
 
 _library: ctypes.CDLL | None = None
 _loaded = False
-_pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
 
 
 def cache_dir() -> Path:
@@ -68,16 +74,8 @@ def _cpu_fingerprint() -> str:
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                compiler.encode(),
-                " ".join(COMPILE_FLAGS).encode(),
-                _cpu_fingerprint().encode(),
-            ]
-        )
-    ).hexdigest()[:16]
+    parts = [source, compiler.encode(), " ".join(COMPILE_FLAGS).encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_fingerprint().encode()])).hexdigest()[:16]
     folder = cache_dir() / key
     library = folder / "cpu_kernels.so"
     if library.is_file():
@@ -85,14 +83,20 @@ def _build(compiler: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / "cpu_kernels.so"
-        result = subprocess.run(
-            [compiler, *COMPILE_FLAGS, "-o", str(built), str(SOURCE)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[:500]}")
+        errors = []
+        # with OpenMP (the kernels then share torch's threads), else on one thread
+        for openmp in (["-fopenmp"], []):
+            result = subprocess.run(
+                [compiler, *COMPILE_FLAGS, *openmp, "-o", str(built), str(SOURCE)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                break
+            errors.append(result.stderr.strip()[:300])
+        else:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {' / '.join(errors)}")
         os.replace(built, library)  # atomic: concurrent processes see all or nothing
     return library
 
@@ -102,10 +106,10 @@ def _load() -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
     library = ctypes.CDLL(str(_build(compiler)))
-    for name, pointers in _FUNCTIONS.items():
+    for name, argtypes in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
             function = getattr(library, f"{name}_{suffix}")
-            function.argtypes = [ctypes.c_void_p] * pointers + _SCALARS
+            function.argtypes = argtypes
             function.restype = None
     return library
 
@@ -145,25 +149,10 @@ def supports(x: torch.Tensor) -> bool:
     )
 
 
-def _in_parallel(function: Any, pointers: list[int], n: int, scalars: list[Any]) -> None:
-    """Run ``function(*pointers, start, stop, *scalars)`` over [0, n) on torch's thread count."""
-    global _pool, _pool_workers
-    parts = max(1, min(torch.get_num_threads(), n // _ELEMENTS_PER_THREAD))
-    cuts = [n * k // parts // 16 * 16 for k in range(parts)] + [n]
-    if parts == 1:
-        function(*pointers, 0, n, *scalars)
-        return
-    if _pool is None or _pool_workers < parts - 1:
-        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="twinvae-kernel")
-        _pool_workers = parts - 1
-    # ctypes releases the GIL during each call, so the parts run at the same time
-    futures = [
-        _pool.submit(partial(function, *pointers, cuts[k], cuts[k + 1], *scalars))
-        for k in range(1, parts)
-    ]
-    function(*pointers, cuts[0], cuts[1], *scalars)
-    for future in futures:
-        future.result()
+def _run(function: Any, pointers: list[int], n: int, scalars: list[Any]) -> None:
+    """``function(*pointers, 0, n, *scalars, threads)`` on torch's number of threads (OpenMP
+    inside the kernel; ctypes releases the GIL meanwhile)."""
+    function(*pointers, 0, n, *scalars, torch.get_num_threads())
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -182,7 +171,7 @@ class _LeakyDropout(torch.autograd.Function):
         y = x if inplace else torch.empty_like(x)
         function = getattr(lib, f"leaky_dropout_forward_{_SUFFIX[x.dtype]}")
         scalars = [*keys, threshold, slope, scale]
-        _in_parallel(function, [x.data_ptr(), y.data_ptr()], x.numel(), scalars)
+        _run(function, [x.data_ptr(), y.data_ptr()], x.numel(), scalars)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(y)
@@ -198,7 +187,7 @@ class _LeakyDropout(torch.autograd.Function):
         grad_x = torch.empty_like(y)
         function = getattr(lib, f"leaky_dropout_backward_{_SUFFIX[y.dtype]}")
         pointers = [grad.data_ptr(), y.data_ptr(), grad_x.data_ptr()]
-        _in_parallel(function, pointers, y.numel(), ctx.scalars)
+        _run(function, pointers, y.numel(), ctx.scalars)
         return grad_x, None, None, None
 
 
@@ -211,3 +200,122 @@ def leaky_dropout(x: torch.Tensor, slope: float, p: float, inplace: bool = False
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     return _LeakyDropout.apply(x, slope, p, inplace)
+
+
+def supports_batch_norm(x: torch.Tensor) -> bool:
+    """Whether ``batch_norm_leaky`` handles ``x``: a 4-d channels-last CPU tensor."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in _SUFFIX
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.numel() > 0
+        and available()
+    )
+
+
+def _pointers(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+class _BatchNormLeaky(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        factor: float,
+        eps: float,
+        slope: float,
+    ) -> torch.Tensor:
+        lib = library()
+        assert lib is not None
+        suffix = _SUFFIX[x.dtype]
+        channels = x.shape[1]
+        rows = x.numel() // channels
+        chunks = -(-rows // _CHUNK_ROWS)
+        sums = torch.empty(chunks, channels, dtype=torch.float64)
+        squares = torch.empty_like(sums)
+        _run(
+            getattr(lib, f"bn_stats_{suffix}"),
+            _pointers(x, sums, squares),
+            chunks,
+            [rows, channels, _CHUNK_ROWS],
+        )
+        mean = sums.sum(0) / rows  # a fixed order of chunks: independent of the threads
+        var = (squares.sum(0) / rows - mean.square()).clamp_min(0.0)
+        invstd = (var + eps).rsqrt()
+        gamma = torch.ones_like(mean) if weight is None else weight.detach().double()
+        beta = torch.zeros_like(mean) if bias is None else bias.detach().double()
+        a = (gamma * invstd).float()
+        b = (beta - mean * gamma * invstd).float()
+        y = torch.empty_like(x)
+        _run(
+            getattr(lib, f"bn_leaky_forward_{suffix}"),
+            _pointers(x, y, a, b),
+            rows,
+            [channels, slope],
+        )
+        if running_mean is not None and running_var is not None:
+            unbiased = var * (rows / max(rows - 1, 1))
+            running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        ctx.save_for_backward(x, a, b, mean.float(), invstd.float(), gamma.float())
+        ctx.slope = slope
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        lib = library()
+        assert lib is not None
+        x, a, b, mean, invstd, gamma = ctx.saved_tensors
+        suffix = _SUFFIX[x.dtype]
+        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        channels = x.shape[1]
+        rows = x.numel() // channels
+        chunks = -(-rows // _CHUNK_ROWS)
+        sums = torch.empty(chunks, channels, dtype=torch.float64)
+        products = torch.empty_like(sums)
+        _run(
+            getattr(lib, f"bn_leaky_backward_stats_{suffix}"),
+            _pointers(grad, x, a, b, mean, invstd, sums, products),
+            chunks,
+            [rows, channels, _CHUNK_ROWS, ctx.slope],
+        )
+        sum_g, sum_gx = sums.sum(0), products.sum(0)
+        grad_x = torch.empty_like(x)
+        k = gamma * invstd
+        mean_g, mean_gx = (sum_g / rows).float(), (sum_gx / rows).float()
+        _run(
+            getattr(lib, f"bn_leaky_backward_{suffix}"),
+            _pointers(grad, x, grad_x, a, b, mean, invstd, k, mean_g, mean_gx),
+            rows,
+            [channels, ctx.slope],
+        )
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        grad_weight = sum_gx.to(weight_dtype) if weight_dtype is not None else None
+        grad_bias = sum_g.to(bias_dtype) if bias_dtype is not None else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def batch_norm_leaky(x: torch.Tensor, norm: torch.nn.BatchNorm2d, slope: float) -> torch.Tensor:
+    """``F.leaky_relu(norm(x), slope)`` for a batch norm in training mode, in two passes over
+    memory forward and two backward (PyTorch: five and five); updates the running statistics
+    as ``norm`` does. Needs ``supports_batch_norm(x)``."""
+    if not norm.training:
+        raise ValueError("batch_norm_leaky is for batch norms in training mode")
+    factor = 0.0
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        tracked = float(norm.num_batches_tracked)
+        factor = 1.0 / tracked if norm.momentum is None else norm.momentum
+    return _BatchNormLeaky.apply(
+        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor, norm.eps, slope
+    )

@@ -16,11 +16,11 @@ faster for training (equal up to float rounding): the two 1-pixel shared layers 
 products instead of convolutions; on the CPU, the outer decoders' transposed convolutions as the
 input gradient of a convolution (oneDNN's kernels for that are about twice as fast), the last
 one (to one channel) as one matrix product + shifted additions, the weight gradients of the
-5-pixel layers as im2col + one matrix product, LeakyReLU + dropout as one fused C kernel
-(`cpu_kernels`, compiled on first use; without a compiler, dropout masks from numpy's SFC64
-generator), both seeded from torch's RNG instead of torch's per-element Mersenne twister (a
-different, equally random mask), LeakyReLU in place, and no bias before a batch norm that
-cancels it. Measurements: benchmarks/README.md, "Training throughput".
+5-pixel layers as im2col + one matrix product, LeakyReLU + dropout and batch norm + LeakyReLU
+as fused C kernels (`cpu_kernels`, compiled on first use; without a compiler, dropout masks from
+numpy's SFC64 generator and LeakyReLU in place), dropout masks seeded from torch's RNG instead
+of drawn by torch's per-element Mersenne twister (a different, equally random mask), and no
+bias before a batch norm that cancels it. Measurements: benchmarks/README.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -142,6 +142,17 @@ def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> tor
         ):
             x = cpu_kernels.leaky_dropout(x, layer.negative_slope, following.p, inplace=fresh)
             skip = True  # the dropout is done
+        elif (
+            fast
+            and isinstance(layer, nn.BatchNorm2d)
+            and layer.training
+            and isinstance(following, nn.LeakyReLU)
+            and cpu_kernels.supports_batch_norm(x)
+        ):
+            x = cpu_kernels.batch_norm_leaky(x, layer, following.negative_slope)
+            if cancelled_bias is not None:
+                _add_bias_to_running_mean(layer, cancelled_bias)
+            skip = True  # the LeakyReLU is done
         elif fast and isinstance(layer, nn.LeakyReLU) and fresh:
             # in place on a fresh output nobody else keeps: one pass over memory less
             x = F.leaky_relu_(x, layer.negative_slope)
