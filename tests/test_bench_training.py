@@ -41,11 +41,17 @@ def _without_dropout(model: TwinVAE) -> TwinVAE:
     return model
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])  # False: as without a C compiler
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("regressor_input", ["latent", "shared_decoder"])
 def test_fast_kernels_compute_the_reference_function(
-    channels_last: bool, regressor_input: str
+    channels_last: bool, regressor_input: str, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from twinvae.models import cpu_kernels
+
+    if not c_kernels:
+        monkeypatch.setattr(cpu_kernels, "_loaded", True)
+        monkeypatch.setattr(cpu_kernels, "_library", None)
     torch.manual_seed(0)
     reference = TwinVAE(TINY.model_copy(update={"regressor_input": regressor_input}))
     layout = torch.channels_last if channels_last else torch.contiguous_format
