@@ -212,3 +212,30 @@ def test_batch_norm_leaky_is_independent_of_threads() -> None:
         torch.set_num_threads(threads)
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(result, results[0], strict=True))
+
+
+@needs_kernels
+def test_add_noise_is_clamped_gaussian_noise_per_image_level() -> None:
+    flat = torch.full((6, 1, 64, 64), 0.5).contiguous(memory_format=torch.channels_last)
+    levels = torch.tensor([0.0, 0.01, 0.02, 0.05, 0.1, 1.0])
+    noisy = cpu_kernels.add_noise(flat, levels, torch.Generator().manual_seed(0))
+    assert noisy.shape == flat.shape and noisy.stride() == flat.stride()
+    deviation = (noisy - 0.5).flatten(1)
+    assert torch.equal(noisy[0], flat[0])
+    for index in range(1, 5):  # no clamping at these levels
+        assert abs(float(deviation[index].std()) / float(levels[index]) - 1) < 0.03
+        assert abs(float(deviation[index].mean())) < 0.05 * float(levels[index])
+        kurtosis = float((deviation[index] / deviation[index].std()).pow(4).mean())
+        assert abs(kurtosis - 3.0) < 0.3  # Gaussian, not uniform (1.8)
+    assert float(noisy.min()) == 0.0 and float(noisy.max()) == 1.0  # level 1.0 is clamped
+    again = cpu_kernels.add_noise(flat, levels, torch.Generator().manual_seed(0))
+    assert torch.equal(again, noisy)
+    other = cpu_kernels.add_noise(flat, levels, torch.Generator().manual_seed(1))
+    assert not torch.equal(other, noisy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = cpu_kernels.add_noise(flat, levels, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, noisy)

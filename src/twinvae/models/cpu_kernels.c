@@ -176,3 +176,17 @@ void leaky_dropout_backward_f32(const float *restrict grad, const float *restric
 
 BATCH_NORM_LEAKY_KERNELS(bf16, uint16_t)
 BATCH_NORM_LEAKY_KERNELS(f32, float)
+
+/* Additive noise for augmentation: y = clamp(x + level[image] * table[r], 0, 1), r = 16 random
+ * bits of element i (the same hash as the dropout masks) and table the 65536 quantiles of
+ * the noise distribution (the caller passes those of a standard normal). */
+void add_noise_f32(const float *restrict x, float *restrict y, const float *restrict levels,
+                   const float *restrict table, int64_t start, int64_t stop, int64_t image_size,
+                   uint32_t key0, uint32_t key1, int threads) {
+    PARALLEL_FOR
+    for (int64_t i = start; i < stop; ++i) {
+        uint32_t random = hash32(hash32((uint32_t)i ^ key0) ^ key1) >> 16;
+        float value = x[i] + levels[i / image_size] * table[random];
+        y[i] = value < 0.0f ? 0.0f : (value > 1.0f ? 1.0f : value);
+    }
+}
