@@ -14,6 +14,10 @@
  * with -fopenmp against the OpenMP runtime torch already loaded (libgomp.so.1), they run on
  * torch's own threads; without OpenMP the pragmas are ignored and the kernels run on one. */
 #define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static)")
+/* The same for element-wise loops whose output may be their input (in place): `simd` tells
+ * the compiler that there is no dependence between iterations, which holds also then. */
+#define PARALLEL_FOR_SIMD \
+    _Pragma("omp parallel for simd num_threads(threads) schedule(static)")
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -54,16 +58,17 @@ static inline float factor(float x, int64_t i, uint32_t key0, uint32_t key1, uin
         float scale, int threads
 #define FACTOR(x) factor((x), i, key0, key1, threshold, slope, scale)
 
-void leaky_dropout_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y, KERNEL_ARGS) {
-    PARALLEL_FOR
+/* x and y may be the same buffer (in place), so they are not restrict. */
+void leaky_dropout_forward_bf16(const uint16_t *x, uint16_t *y, KERNEL_ARGS) {
+    PARALLEL_FOR_SIMD
     for (int64_t i = start; i < stop; ++i) {
         float value = bf16_to_float(x[i]);
         y[i] = float_to_bf16(value * FACTOR(value));
     }
 }
 
-void leaky_dropout_forward_f32(const float *restrict x, float *restrict y, KERNEL_ARGS) {
-    PARALLEL_FOR
+void leaky_dropout_forward_f32(const float *x, float *y, KERNEL_ARGS) {
+    PARALLEL_FOR_SIMD
     for (int64_t i = start; i < stop; ++i) y[i] = x[i] * FACTOR(x[i]);
 }
 
@@ -84,8 +89,9 @@ void leaky_dropout_backward_f32(const float *restrict grad, const float *restric
 
 /* Batch norm (training, batch statistics) followed by LeakyReLU, for channels-last tensors
  * seen as rows x channels. Statistics are summed in double per chunk of rows, and the caller
- * adds the chunks in a fixed order, so that they do not depend on the number of threads. z = x * a + b is the
- * normalised pre-activation (a = weight * invstd, b = bias - mean * a, per channel). */
+ * adds the chunks in a fixed order, so that they do not depend on the number of threads.
+ * z = x * a + b is the normalised pre-activation (a = weight * invstd, b = bias - mean * a,
+ * per channel). */
 
 #define LOAD_bf16(p) bf16_to_float(p)
 #define LOAD_f32(p) (p)

@@ -86,7 +86,7 @@ def _build(compiler: str) -> Path:
         built = Path(tmp) / "cpu_kernels.so"
         errors = []
         # with OpenMP (the kernels then share torch's threads), else on one thread
-        for openmp in (["-fopenmp"], []):
+        for openmp in (["-fopenmp"], ["-fopenmp-simd"], []):
             result = subprocess.run(
                 [compiler, *COMPILE_FLAGS, *openmp, "-o", str(built), str(SOURCE)],
                 capture_output=True,

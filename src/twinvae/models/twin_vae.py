@@ -394,7 +394,7 @@ def conv_transpose_by_phases(
     ``(s * p + a, s * q + b)`` from input pixel ``(I - p, J - q)``: the product of every input
     pixel with every tap, then ``m * m`` shifted additions per output phase ``(a, b)``. oneDNN's
     kernels for a transposed convolution to one channel run at a tenth of its usual speed; this
-    is about twice as fast for the step. Sums are taken in fp32. Follows autocast like
+    makes the layer about twice as fast. Sums are taken in fp32. Follows autocast like
     ``F.conv_transpose2d``.
     """
     device = x.device.type
