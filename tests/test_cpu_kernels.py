@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from twinvae.models import cpu_kernels
 
 needs_kernels = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="no C compiler: the fused CPU kernels are not built"
+    not cpu_kernels.available(),
+    reason="the fused CPU kernels are not built (no C compiler, or TWINVAE_CPU_KERNELS=0)",
 )
 
 
@@ -88,6 +89,7 @@ def test_without_a_compiler_the_kernels_are_off_with_one_warning(
 ) -> None:
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
     monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.delenv("TWINVAE_CPU_KERNELS", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TWINVAE_CACHE", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
