@@ -142,13 +142,17 @@ def available() -> bool:
     return library() is not None
 
 
+def is_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` fills its memory without gaps in NCHW or channels-last order."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
 def supports(x: torch.Tensor) -> bool:
     """Whether ``leaky_dropout`` handles ``x`` (dense CPU tensor of a supported dtype)."""
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
     return (
         x.device.type == "cpu"
         and x.dtype in _SUFFIX
-        and dense
+        and is_dense(x)
         and 0 < x.numel() < 2**32
         and available()
     )
@@ -223,6 +227,19 @@ def _pointers(*tensors: torch.Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
+def _rows_and_chunks(x: torch.Tensor) -> tuple[int, int, int]:
+    """Channels, rows (pixels) and chunks of ``_CHUNK_ROWS`` rows of a channels-last tensor."""
+    channels = x.shape[1]
+    rows = x.numel() // channels
+    return channels, rows, -(-rows // _CHUNK_ROWS)
+
+
+def _chunk_sums(chunks: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 buffers for the kernels' per-chunk, per-channel sums."""
+    first = torch.empty(chunks, channels, dtype=torch.float64)
+    return first, torch.empty_like(first)
+
+
 class _BatchNormLeaky(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -239,11 +256,8 @@ class _BatchNormLeaky(torch.autograd.Function):
         lib = library()
         assert lib is not None
         suffix = _SUFFIX[x.dtype]
-        channels = x.shape[1]
-        rows = x.numel() // channels
-        chunks = -(-rows // _CHUNK_ROWS)
-        sums = torch.empty(chunks, channels, dtype=torch.float64)
-        squares = torch.empty_like(sums)
+        channels, rows, chunks = _rows_and_chunks(x)
+        sums, squares = _chunk_sums(chunks, channels)
         _run(
             getattr(lib, f"bn_stats_{suffix}"),
             _pointers(x, sums, squares),
@@ -283,11 +297,8 @@ class _BatchNormLeaky(torch.autograd.Function):
         x, a, b, mean, invstd, gamma = ctx.saved_tensors
         suffix = _SUFFIX[x.dtype]
         grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        channels = x.shape[1]
-        rows = x.numel() // channels
-        chunks = -(-rows // _CHUNK_ROWS)
-        sums = torch.empty(chunks, channels, dtype=torch.float64)
-        products = torch.empty_like(sums)
+        channels, rows, chunks = _rows_and_chunks(x)
+        sums, products = _chunk_sums(chunks, channels)
         _run(
             getattr(lib, f"bn_leaky_backward_stats_{suffix}"),
             _pointers(grad, x, a, b, mean, invstd, sums, products),
@@ -341,12 +352,11 @@ def _standard_normal_quantiles() -> torch.Tensor:
 
 def supports_noise(images: torch.Tensor) -> bool:
     """Whether ``add_noise`` handles ``images``: dense float32 CPU images (N, C, H, W)."""
-    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
     return (
         images.device.type == "cpu"
         and images.dtype == torch.float32
         and images.dim() == 4
-        and dense
+        and is_dense(images)
         and 0 < images.numel() < 2**32
         and available()
     )

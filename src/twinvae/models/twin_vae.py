@@ -80,7 +80,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     words = np.random.SFC64(seed).random_raw(-(-n // 4))
     keep = words.view(np.uint16)[:n] >= round(p * 2**_DROPOUT_BITS)
     multiplier = _keep_multiplier(keep, 1.0 / (1.0 - p), x.dtype)
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    dense = cpu_kernels.is_dense(x)
     # the mask is i.i.d., so laying it out in x's memory order is as good as any order
     return x * (multiplier.as_strided(x.shape, x.stride()) if dense else multiplier.view(x.shape))
 
@@ -274,15 +274,20 @@ def _conv_weight_grad(
     return (rows.t() @ columns).view(c_out, k_h, k_w, c_in).permute(0, 3, 1, 2)
 
 
+def _as_autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device (as convolutions do)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def conv2d_small_output(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride)`` (no padding) with a faster weight gradient for
     outputs no larger than the kernel. Follows autocast like ``F.conv2d``."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
-    return _Conv2dSmallOutput.apply(x, weight, bias, list(stride))
+    return _Conv2dSmallOutput.apply(_as_autocast_input(x), weight, bias, list(stride))
 
 
 class _Conv2dSmallOutput(torch.autograd.Function):
@@ -333,10 +338,9 @@ def conv_transpose_by_conv_grad(
     per-channel bias, so the bias is not added and its gradient is zero (two passes over the
     output saved). Follows autocast like ``F.conv_transpose2d``.
     """
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
-    return _ConvTransposeByConvGrad.apply(x, weight, bias, list(stride), bias_cancelled)
+    return _ConvTransposeByConvGrad.apply(
+        _as_autocast_input(x), weight, bias, list(stride), bias_cancelled
+    )
 
 
 class _ConvTransposeByConvGrad(torch.autograd.Function):
@@ -397,10 +401,7 @@ def conv_transpose_by_phases(
     makes the layer about twice as fast. Sums are taken in fp32. Follows autocast like
     ``F.conv_transpose2d``.
     """
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
-    return _ConvTransposeByPhases.apply(x, weight, bias, list(stride))
+    return _ConvTransposeByPhases.apply(_as_autocast_input(x), weight, bias, list(stride))
 
 
 def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
