@@ -7,8 +7,10 @@
     channels_last, `fast_kernels`, and the precision `train.precision` resolves to (bf16 autocast
     on CPUs with AVX512-BF16/AMX under ``auto``).
 
-Both train both domains at batch 64 natural + 64 synthetic on 128 x 128 generated images. The
-two are timed alternately (a, b, a, b, ...) after warm-up steps, and the median step time of
+Both train both domains at batch 64 natural + 64 synthetic on 128 x 128 generated images. Each
+runs in its own process, as the two programs would (process-wide settings such as twinvae's
+`keep_freed_memory` stay with their side); the two are timed alternately (a, b, a, b, ...)
+after warm-up rounds, one process computing while the other waits, and the median round of
 each is reported, so that load from other processes hits both alike.
 
     python benchmarks/bench_training.py --quick       # < 1 minute
@@ -22,13 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -258,31 +263,80 @@ def timed(run: Any) -> tuple[float, float, int]:
     return time.perf_counter() - start, time.process_time() - cpu_start, images
 
 
-def throughput(args: argparse.Namespace) -> dict[str, Any]:
+def build(kind: str, args: argparse.Namespace, folder: Path) -> tuple[Callable[[], int], str]:
+    """One side of the comparison: a function running one timed round, and its precision."""
     sets = make_image_sets(args.pool, args.pool, 64, seed=0)
-    data = TrainingData(sets["natural"], sets["val"], sets["synthetic"], None)
     config = experiment_config(args.precision, args.steps, args.warmup + args.rounds + 1)
+    if kind == "twinvae":
+        data = TrainingData(sets["natural"], sets["val"], sets["synthetic"], None)
+        project = ProjectTraining(config, data, folder / "run")
+        return project.run, project.trainer.runtime.precision
+    authors = AuthorsTraining(config, sets["natural"], sets["synthetic"])
+    return (lambda: sum(authors.step() for _ in range(args.steps))), "fp32"
+
+
+def serve(kind: str, args: argparse.Namespace, connection: Connection) -> None:
+    """Worker process: build one side, then run a round whenever asked and send its timing."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        project = ProjectTraining(config, data, Path(tmp) / "run")
-        authors = AuthorsTraining(config, sets["natural"], sets["synthetic"])
+        run, precision = build(kind, args, Path(tmp))
+        connection.send(precision)
+        while connection.recv() == "round":
+            connection.send(timed(run))
 
-        def authors_round() -> int:
-            return sum(authors.step() for _ in range(args.steps))
 
-        timings = {"authors": Timing(), "twinvae": Timing()}
-        for index in range(args.warmup + args.rounds):
-            for name, run in (("authors", authors_round), ("twinvae", project.run)):
-                seconds, cpu_seconds, images = timed(run)
-                if index >= args.warmup:
-                    timings[name].add(seconds, cpu_seconds, images)
-                print(
-                    f"round {index + 1} {name:8s} {images / seconds:7.1f} img/s "
-                    f"{images / cpu_seconds:7.1f} img/cpu-s",
-                    flush=True,
-                )
-        precision = project.trainer.runtime.precision
+class Side:
+    """One side, in its own process (default) or in this one (``--one-process``)."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, folder: Path) -> None:
+        self.process: BaseProcess | None = None
+        if args.one_process:
+            self.run, self.precision = build(kind, args, folder)
+            return
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(kind, args, child), daemon=True)
+        self.process.start()
+        self.precision = self.connection.recv()
+
+    def round(self) -> tuple[float, float, int]:
+        if self.process is None:
+            return timed(self.run)
+        self.connection.send("round")
+        result: tuple[float, float, int] = self.connection.recv()
+        return result
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.connection.send("stop")
+            self.process.join(timeout=60)
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sides: dict[str, Side] = {}
+        try:
+            for name in ("authors", "twinvae"):
+                sides[name] = Side(name, args, Path(tmp) / name)
+            timings = {name: Timing() for name in sides}
+            for index in range(args.warmup + args.rounds):
+                for name, side in sides.items():
+                    seconds, cpu_seconds, images = side.round()
+                    if index >= args.warmup:
+                        timings[name].add(seconds, cpu_seconds, images)
+                    print(
+                        f"round {index + 1} {name:8s} {images / seconds:7.1f} img/s "
+                        f"{images / cpu_seconds:7.1f} img/cpu-s",
+                        flush=True,
+                    )
+        finally:
+            for side in sides.values():
+                side.close()
+        precision = sides["twinvae"].precision
     result = {
         "mode": "quick" if args.quick else "full",
+        "processes": "one" if args.one_process else "one per side",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "precision": precision,
@@ -385,6 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="twinvae precision"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time both sides in this process (default: each in its own, as two programs)",
+    )
     parser.add_argument("--accuracy-steps", type=int, default=240, help="steps per variant")
     parser.add_argument("--accuracy-every", type=int, default=40, help="steps between evaluations")
     parser.add_argument("--accuracy-lr", type=float, default=2e-4, help="Adam learning rate")

@@ -223,3 +223,4 @@ def test_pil_baseline_dataset_augments_each_image() -> None:
     assert abs(float(tensor.mean()) - float(original.mean())) < 0.05
     args = bench.parse_args(["--quick"])
     assert (args.warmup, args.rounds, args.steps) == (1, 2, 1)
+    assert not args.one_process  # each side in its own process unless asked
