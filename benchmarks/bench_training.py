@@ -15,6 +15,7 @@ each is reported, so that load from other processes hits both alike.
 
     python benchmarks/bench_training.py --quick       # < 1 minute
     python benchmarks/bench_training.py               # full timing
+    python benchmarks/bench_training.py --one-process # both sides in one process
     python benchmarks/bench_training.py --accuracy    # train both, compare validation MAE
 
 Never run in CI.
@@ -23,6 +24,7 @@ Never run in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import platform
@@ -308,9 +310,13 @@ class Side:
         return result
 
     def close(self) -> None:
-        if self.process is not None:
-            self.connection.send("stop")
-            self.process.join(timeout=60)
+        if self.process is None:
+            return
+        # a dead worker's own error is what the user needs to see, not a broken pipe
+        with contextlib.suppress(OSError):
+            if self.process.is_alive():
+                self.connection.send("stop")
+        self.process.join(timeout=60)
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
