@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ from twinvae.data.imageset import ImageSet
 from twinvae.training import trainer as trainer_module
 from twinvae.training.checkpoint import load_checkpoint
 from twinvae.training.data import TrainingData
-from twinvae.training.trainer import Trainer, TrainingDivergedError, train
+from twinvae.training.device import Runtime
+from twinvae.training.trainer import (
+    Trainer,
+    TrainingDivergedError,
+    domain_backward_threads,
+    train,
+)
 from twinvae.training.transfer import trainable_groups
 
 TINY_MODEL = {"base_channels": 4, "latent_dim": 8, "regressor_hidden": [8]}
@@ -265,3 +272,56 @@ def test_augmentation_grid_matches_torch_affine_grid() -> None:
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(4))
     expected = F.affine_grid(theta, [5, 1, 24, 40], align_corners=False)
     torch.testing.assert_close(affine_grid(theta, 24, 40), expected)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The suite runs on one torch thread; the backward threads need two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_parallel_backward_gives_the_sequential_gradients(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    grads = {}
+    for parallel in (True, False):
+        config = _config(train={"parallel_backward": parallel, "precision": "fp32"})
+        trainer = Trainer(config, tmp_path / str(parallel), data=tiny_data, progress=False)
+        assert (trainer.backward_threads is not None) == parallel
+        trainer._train_epoch(0, lambda: None)  # the gradients of its last step stay in .grad
+        grads[parallel] = {n: p.grad for n, p in trainer.model.named_parameters()}
+        assert torch.get_num_threads() == 2  # the backward threads keep their own count
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert grad is not None and grads[True][name] is not None, name
+        # oneDNN rounds by its thread count; 1e-7 covers the biases before batch norms, whose
+        # gradients are rounding noise around 0
+        atol = 1e-5 * float(grad.abs().max()) + 1e-7
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=atol, msg=name)
+    shared = grads[True]["shared_encoder.conv.0.weight"]
+    assert shared is not None and float(shared.abs().max()) > 0  # from both domains
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_parallel_backward_only_with_two_domains_in_one_cpu_process(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    natural_only = _config(data={"natural_only": True, "synthetic": None})
+    trainer = Trainer(natural_only, tmp_path / "natural", data=tiny_data, progress=False)
+    assert trainer.backward_threads is None
+    fp16 = Runtime(torch.device("cpu"), "fp16")
+    assert domain_backward_threads(fp16, _config(), two_domains=True) is None
+    distributed = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
+    assert domain_backward_threads(distributed, _config(), two_domains=True) is None
+    off = _config(train={"parallel_backward": False})
+    assert domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), off, True) is None
+    threads = domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), _config(), True)
+    assert threads is not None
+    assert threads.submit(torch.get_num_threads).result() == 1  # half of two
+    threads.shutdown()
+    torch.set_num_threads(1)
+    assert domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), _config(), True) is None

@@ -141,10 +141,17 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: fp16 autocast on CUDA, fp32 on CPU"
+        "auto",
+        description="auto: fp16 autocast on CUDA; on the CPU bf16 where it has AVX512-BF16 or "
+        "AMX, else fp32",
     )
     channels_last: bool = True
     num_threads: int | None = Field(None, ge=1, description="CPU threads (None = torch default)")
+    parallel_backward: bool = Field(
+        True,
+        description="CPU, one process, both domains: their backward passes run side by side on "
+        "two threads with half the CPU threads each",
+    )
     val_every: int = Field(1, ge=1)
     tta: bool = Field(False, description="validate with the 8 flips/rotations averaged")
 
