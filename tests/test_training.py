@@ -325,3 +325,17 @@ def test_parallel_backward_only_with_two_domains_in_one_cpu_process(
     threads.shutdown()
     torch.set_num_threads(1)
     assert domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), _config(), True) is None
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_parallel_backward_with_a_fully_frozen_domain(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    """First thaw stage, regressor not started: the synthetic loss reaches no trainable layer."""
+    config = _config(
+        transfer={"strategy": "thaw", "thaw_stages": [["outer_natural"], ["core"]]},
+        loss={"regressor_start_epoch": 1},
+        train={"epochs": 2},
+    )
+    result = train(config, tmp_path / "run", data=tiny_data, progress=False)
+    assert result.epochs_run == 2

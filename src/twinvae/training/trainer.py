@@ -420,8 +420,10 @@ class Trainer:
                     "Try a lower optim.lr, optim.grad_clip or train.precision=fp32."
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            if self.backward_threads is not None and len(domain_totals) == 2:
-                running = [self.backward_threads.submit(t.backward) for t in domain_totals]
+            # a domain whose layers are all frozen (a thaw stage) has nothing to back-propagate
+            learning = [total for total in domain_totals if total.requires_grad]
+            if self.backward_threads is not None and len(learning) == 2:
+                running = [self.backward_threads.submit(total.backward) for total in learning]
                 for backward in running:
                     backward.result()  # re-raises what the thread raised
             else:
