@@ -295,6 +295,8 @@ def test_parallel_backward_gives_the_sequential_gradients(
         trainer._train_epoch(0, lambda: None)  # the gradients of its last step stay in .grad
         grads[parallel] = {n: p.grad for n, p in trainer.model.named_parameters()}
         assert torch.get_num_threads() == 2  # the backward threads keep their own count
+        if trainer.backward_threads is not None:
+            trainer.backward_threads.shutdown()  # fit() would have
     assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
         assert grad is not None and grads[True][name] is not None, name
