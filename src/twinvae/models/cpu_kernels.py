@@ -147,6 +147,16 @@ def is_dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plainly contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format that reproduces ``x``'s layout: channels-last or contiguous."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
 def supports(x: torch.Tensor) -> bool:
     """Whether ``leaky_dropout`` handles ``x`` (dense CPU tensor of a supported dtype)."""
     return (
@@ -164,11 +174,6 @@ def _run(function: Any, pointers: list[int], n: int, scalars: list[Any]) -> None
     function(*pointers, 0, n, *scalars, torch.get_num_threads())
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 class _LeakyDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, slope: float, p: float, inplace: bool) -> torch.Tensor:
@@ -180,7 +185,7 @@ class _LeakyDropout(torch.autograd.Function):
         y = x if inplace else torch.empty_like(x)
         function = getattr(lib, f"leaky_dropout_forward_{_SUFFIX[x.dtype]}")
         scalars = [*keys, threshold, slope, scale]
-        _run(function, [x.data_ptr(), y.data_ptr()], x.numel(), scalars)
+        _run(function, _pointers(x, y), x.numel(), scalars)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(y)
@@ -192,11 +197,10 @@ class _LeakyDropout(torch.autograd.Function):
         lib = library()
         assert lib is not None
         (y,) = ctx.saved_tensors
-        grad = grad.to(y.dtype).contiguous(memory_format=_layout(y))
+        grad = grad.to(y.dtype).contiguous(memory_format=memory_format(y))
         grad_x = torch.empty_like(y)
         function = getattr(lib, f"leaky_dropout_backward_{_SUFFIX[y.dtype]}")
-        pointers = [grad.data_ptr(), y.data_ptr(), grad_x.data_ptr()]
-        _run(function, pointers, y.numel(), ctx.scalars)
+        _run(function, _pointers(grad, y, grad_x), y.numel(), ctx.scalars)
         return grad_x, None, None, None
 
 

@@ -357,7 +357,7 @@ class _ConvTransposeByConvGrad(torch.autograd.Function):
         n, _, height, width = x.shape
         k_h, k_w = w.shape[2:]
         out_shape = (n, w.shape[1], (height - 1) * stride[0] + k_h, (width - 1) * stride[1] + k_w)
-        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        layout = cpu_kernels.memory_format(x)
         shape_only = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=layout)
         out = _conv_backward(x, shape_only, w, stride, data=True)
         if bias is not None and not bias_cancelled:
@@ -509,11 +509,7 @@ def standardize_images(images: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 def _flat_pixels(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, H*W*C) for channels_last tensors (no copy), else (N, C*H*W)."""
-    return x.permute(0, 2, 3, 1).flatten(1) if _is_channels_last(x) else x.flatten(1)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return x.permute(0, 2, 3, 1).flatten(1) if cpu_kernels.is_channels_last(x) else x.flatten(1)
 
 
 class SharedEncoder(nn.Module):
@@ -533,7 +529,9 @@ class SharedEncoder(nn.Module):
         if self.fast_kernels and tuple(features.shape[-2:]) == conv.kernel_size:
             # a k x k convolution of a k x k input is one matrix product (oneDNN's kernels for
             # this shape, and their weight gradients, are several times slower)
-            weight = conv.weight.permute(0, 2, 3, 1) if _is_channels_last(features) else conv.weight
+            weight = conv.weight
+            if cpu_kernels.is_channels_last(features):
+                weight = weight.permute(0, 2, 3, 1)
             hidden = F.linear(_flat_pixels(features), weight.flatten(1), conv.bias)
             hidden = _run_layers(list(self.conv)[1:], hidden, fast=True)  # Flatten: a no-op
         else:
@@ -561,7 +559,7 @@ class SharedDecoder(nn.Module):
         assert isinstance(deconv, nn.ConvTranspose2d)
         weight = deconv.weight  # (in, out, k, k)
         n, (k_h, k_w), c_out = hidden.shape[0], deconv.kernel_size, weight.shape[1]
-        if _is_channels_last(weight):
+        if cpu_kernels.is_channels_last(weight):
             out = torch.matmul(hidden, weight.permute(0, 2, 3, 1).flatten(1))
             out = out.view(n, k_h, k_w, c_out)
             if deconv.bias is not None:
