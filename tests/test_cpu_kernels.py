@@ -137,9 +137,14 @@ def test_training_forward_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch)
     norms: list[int] = []
     fused_norm = cpu_kernels.batch_norm_leaky
 
-    def counting_norm(x: torch.Tensor, norm: torch.nn.BatchNorm2d, slope: float) -> torch.Tensor:
+    def counting_norm(
+        x: torch.Tensor,
+        norm: torch.nn.BatchNorm2d,
+        slope: float,
+        mean_shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         norms.append(x.shape[-1])
-        return fused_norm(x, norm, slope)
+        return fused_norm(x, norm, slope, mean_shift)
 
     monkeypatch.setattr(cpu_kernels, "batch_norm_leaky", counting_norm)
     model = TwinVAE(ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,)))

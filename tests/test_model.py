@@ -91,3 +91,52 @@ def test_standardized_input_ignores_brightness_and_contrast() -> None:
     assert torch.isfinite(flat).all()
     output = standardized(images, "natural", sample=False)
     assert output.recon is not None and output.recon.shape == images.shape
+
+
+@pytest.mark.parametrize("c_kernels", [True, False])  # False: as without a C compiler
+def test_independent_pass_draws_from_its_generator_and_defers_running_statistics(
+    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twinvae.models import cpu_kernels, domain_pass
+
+    if not c_kernels:
+        monkeypatch.setattr(cpu_kernels, "_loaded", True)
+        monkeypatch.setattr(cpu_kernels, "_library", None)
+    torch.manual_seed(0)
+    model = TwinVAE(TINY).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.fast_kernels = True
+    model.train()
+    x = torch.rand(4, 1, 128, 128).contiguous(memory_format=torch.channels_last)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    global_state = torch.get_rng_state()
+    outputs, pending = [], []
+    for _ in range(2):
+        with domain_pass.independent_pass(torch.Generator().manual_seed(7)) as updates:
+            outputs.append(model(x, "natural"))
+        pending.append(updates)
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global generator is untouched
+    assert torch.equal(outputs[0].z, outputs[1].z)  # same generator seed: same sample and masks
+    assert outputs[0].recon is not None and outputs[1].recon is not None
+    assert torch.equal(outputs[0].recon, outputs[1].recon)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name  # nothing applied yet
+    assert len(pending[0]) == 5  # the shared decoder's batch norm and the outer decoder's four
+    domain_pass.apply_running_updates(pending[0])
+    norm = model.shared_decoder.deconv[1]
+    assert int(norm.num_batches_tracked) == 1
+    assert not torch.equal(norm.running_mean, buffers["shared_decoder.deconv.1.running_mean"])
+    with torch.no_grad():
+        direct = model(x, "natural", sample=False)  # outside a pass: applied at once
+    assert direct.recon is not None and int(norm.num_batches_tracked) == 2
+
+
+def test_independent_passes_do_not_nest() -> None:
+    from twinvae.models import domain_pass
+
+    with (
+        domain_pass.independent_pass(torch.Generator()),
+        pytest.raises(RuntimeError, match="do not nest"),
+        domain_pass.independent_pass(torch.Generator()),
+    ):
+        pass
+    assert domain_pass.generator() is None

@@ -19,8 +19,9 @@ from twinvae.training.device import Runtime
 from twinvae.training.trainer import (
     Trainer,
     TrainingDivergedError,
-    domain_backward_threads,
+    domain_threads,
     train,
+    uses_domain_passes,
 )
 from twinvae.training.transfer import trainable_groups
 
@@ -276,63 +277,82 @@ def test_augmentation_grid_matches_torch_affine_grid() -> None:
 
 @pytest.fixture
 def two_threads() -> Iterator[None]:
-    """The suite runs on one torch thread; the backward threads need two."""
+    """The suite runs on one torch thread; the domain threads need two."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
 
+def _shut_down(trainer: Trainer) -> None:
+    """What fit() does at its end."""
+    if trainer.domain_passes is not None and trainer.domain_passes.threads is not None:
+        trainer.domain_passes.threads.shutdown()
+
+
 @pytest.mark.usefixtures("two_threads")
-def test_parallel_backward_gives_the_sequential_gradients(
+def test_domain_passes_side_by_side_give_the_numbers_of_one_after_the_other(
     tmp_path: Path, tiny_data: TrainingData
 ) -> None:
-    grads = {}
+    """Two threads at one torch thread each against one thread doing the passes in turn: the
+    same random numbers, the same order of running statistics, bit for bit."""
+    states = {}
     for parallel in (True, False):
-        config = _config(train={"parallel_backward": parallel, "precision": "fp32"})
+        torch.set_num_threads(2 if parallel else 1)  # one per pass either way: same rounding
+        config = _config(train={"parallel_domains": parallel, "precision": "fp32"})
         trainer = Trainer(config, tmp_path / str(parallel), data=tiny_data, progress=False)
-        assert (trainer.backward_threads is not None) == parallel
-        trainer._train_epoch(0, lambda: None)  # the gradients of its last step stay in .grad
-        grads[parallel] = {n: p.grad for n, p in trainer.model.named_parameters()}
-        assert torch.get_num_threads() == 2  # the backward threads keep their own count
-        if trainer.backward_threads is not None:
-            trainer.backward_threads.shutdown()  # fit() would have
-    assert grads[True].keys() == grads[False].keys()
-    for name, grad in grads[False].items():
-        assert grad is not None and grads[True][name] is not None, name
-        # oneDNN rounds by its thread count; 1e-7 covers the biases before batch norms, whose
-        # gradients are rounding noise around 0
-        atol = 1e-5 * float(grad.abs().max()) + 1e-7
-        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=atol, msg=name)
-    shared = grads[True]["shared_encoder.conv.0.weight"]
-    assert shared is not None and float(shared.abs().max()) > 0  # from both domains
+        assert trainer.domain_passes is not None
+        assert (trainer.domain_passes.threads is not None) == parallel
+        row = trainer._train_epoch(0, lambda: None)  # the gradients of its last step stay
+        assert torch.get_num_threads() == (2 if parallel else 1)  # threads keep their own count
+        states[parallel] = {
+            "row": {key: row[key] for key in ("loss", "natural_rec", "synthetic_kl")},
+            "grads": {n: p.grad for n, p in trainer.model.named_parameters()},
+            "params": dict(trainer.model.named_parameters()),
+            "buffers": dict(trainer.model.named_buffers()),
+        }
+        _shut_down(trainer)
+    side_by_side, in_turn = states[True], states[False]
+    assert side_by_side["row"] == in_turn["row"]
+    for kind in ("grads", "params", "buffers"):
+        assert side_by_side[kind].keys() == in_turn[kind].keys()
+        for name, tensor in in_turn[kind].items():
+            assert tensor is not None and torch.equal(side_by_side[kind][name], tensor), name
+    buffers = side_by_side["buffers"]
+    assert int(buffers["shared_decoder.deconv.1.num_batches_tracked"]) == 2 * 3  # both domains
+    shared = side_by_side["grads"]["shared_encoder.conv.0.weight"]
+    assert shared is not None and float(shared.abs().max()) > 0
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_parallel_backward_only_with_two_domains_in_one_cpu_process(
+def test_domain_threads_only_with_two_domains_in_one_cpu_process(
     tmp_path: Path, tiny_data: TrainingData
 ) -> None:
     natural_only = _config(data={"natural_only": True, "synthetic": None})
     trainer = Trainer(natural_only, tmp_path / "natural", data=tiny_data, progress=False)
-    assert trainer.backward_threads is None
-    fp16 = Runtime(torch.device("cpu"), "fp16")
-    assert domain_backward_threads(fp16, _config(), two_domains=True) is None
-    distributed = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
-    assert domain_backward_threads(distributed, _config(), two_domains=True) is None
-    off = _config(train={"parallel_backward": False})
-    assert domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), off, True) is None
-    threads = domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), _config(), True)
+    assert trainer.domain_passes is not None and trainer.domain_passes.threads is None
+    cpu = Runtime(torch.device("cpu"), "fp32")
+    assert uses_domain_passes(cpu) and uses_domain_passes(Runtime(torch.device("cpu"), "bf16"))
+    assert not uses_domain_passes(Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2))
+    assert not uses_domain_passes(Runtime(torch.device("cuda"), "fp16"))
+    off = _config(train={"parallel_domains": False})
+    assert domain_threads(cpu, off, True) is None
+    assert domain_threads(cpu, _config(), two_domains=False) is None
+    threads = domain_threads(cpu, _config(), True)
     assert threads is not None
     assert threads.submit(torch.get_num_threads).result() == 1  # half of two
     threads.shutdown()
     torch.set_num_threads(1)
-    assert domain_backward_threads(Runtime(torch.device("cpu"), "fp32"), _config(), True) is None
+    assert domain_threads(cpu, _config(), True) is None
+
+
+def test_configs_naming_parallel_backward_still_load() -> None:
+    assert not _config(train={"parallel_backward": False}).train.parallel_domains
+    assert _config(train={"parallel_backward": True}).train.parallel_domains
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_parallel_backward_with_a_fully_frozen_domain(
-    tmp_path: Path, tiny_data: TrainingData
-) -> None:
+def test_domain_passes_with_a_fully_frozen_domain(tmp_path: Path, tiny_data: TrainingData) -> None:
     """First thaw stage, regressor not started: the synthetic loss reaches no trainable layer."""
     config = _config(
         transfer={"strategy": "thaw", "thaw_stages": [["outer_natural"], ["core"]]},

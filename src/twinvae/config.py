@@ -147,13 +147,24 @@ class TrainConfig(_Strict):
     )
     channels_last: bool = True
     num_threads: int | None = Field(None, ge=1, description="CPU threads (None = torch default)")
-    parallel_backward: bool = Field(
+    parallel_domains: bool = Field(
         True,
-        description="CPU, one process, both domains: their backward passes run side by side on "
-        "two threads with half the CPU threads each",
+        description="CPU, one process, both domains: each domain's forward and backward pass "
+        "runs on its own thread with half the CPU threads (same numbers as one after the other)",
     )
     val_every: int = Field(1, ge=1)
     tta: bool = Field(False, description="validate with the 8 flips/rotations averaged")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        """Configs written before ``parallel_domains`` (which also covers the forward passes)
+        named it ``parallel_backward``."""
+        if isinstance(data, dict) and "parallel_backward" in data:
+            data = dict(data)
+            old = data.pop("parallel_backward")
+            data.setdefault("parallel_domains", old)
+        return data
 
 
 class TransferConfig(_Strict):

@@ -6,7 +6,8 @@ more than some convolutions. Two fused operations, forward and backward:
 
 - ``leaky_dropout``: LeakyReLU + inverted dropout in one pass. The mask is never stored: it is
   a hash of the element index and a seed drawn from torch's RNG (``torch.manual_seed`` makes
-  runs reproducible), which the backward pass recomputes.
+  runs reproducible; inside a `domain_pass.independent_pass`, from the pass's generator), which
+  the backward pass recomputes.
 - ``batch_norm_leaky``: batch norm with batch statistics + LeakyReLU in two passes (statistics,
   then output), backward in two; statistics are summed in double.
 
@@ -27,11 +28,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from twinvae.models import domain_pass
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
@@ -51,6 +55,7 @@ _CHUNK_ROWS = 1024
 
 _library: ctypes.CDLL | None = None
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -122,9 +127,10 @@ def _load() -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning) when they cannot be built."""
     global _library, _loaded
-    if not _loaded:
-        _loaded = True
-        if os.environ.get("TWINVAE_CPU_KERNELS", "1") != "0":
+    if _loaded:
+        return _library
+    with _load_lock:  # the two domains' passes may ask at once; one builds, both wait for it
+        if not _loaded and os.environ.get("TWINVAE_CPU_KERNELS", "1") != "0":
             try:
                 _library = _load()
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
@@ -135,6 +141,7 @@ def library() -> ctypes.CDLL | None:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        _loaded = True
     return _library
 
 
@@ -179,7 +186,8 @@ class _LeakyDropout(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, slope: float, p: float, inplace: bool) -> torch.Tensor:
         lib = library()
         assert lib is not None
-        keys = [int(k) for k in torch.randint(0, 2**32, (2,), dtype=torch.int64)]
+        draws = torch.randint(0, 2**32, (2,), generator=domain_pass.generator())
+        keys = [int(k) for k in draws]
         threshold = min(round(p * 2**16), 2**16)
         scale = 1.0 / (1.0 - p)
         y = x if inplace else torch.empty_like(x)
@@ -251,9 +259,8 @@ class _BatchNormLeaky(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        factor: float,
+        norm: torch.nn.BatchNorm2d,
+        mean_shift: torch.Tensor | None,
         eps: float,
         slope: float,
     ) -> torch.Tensor:
@@ -282,10 +289,8 @@ class _BatchNormLeaky(torch.autograd.Function):
             rows,
             [channels, slope],
         )
-        if running_mean is not None and running_var is not None:
-            unbiased = var * (rows / max(rows - 1, 1))
-            running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        shifted = mean if mean_shift is None else mean + mean_shift.double()
+        domain_pass.update_running_statistics(norm, shifted, var * (rows / max(rows - 1, 1)))
         ctx.save_for_backward(x, a, b, mean.float(), invstd.float(), gamma.float())
         ctx.slope = slope
         ctx.param_dtypes = (
@@ -322,23 +327,24 @@ class _BatchNormLeaky(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         grad_weight = sum_gx.to(weight_dtype) if weight_dtype is not None else None
         grad_bias = sum_g.to(bias_dtype) if bias_dtype is not None else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def batch_norm_leaky(x: torch.Tensor, norm: torch.nn.BatchNorm2d, slope: float) -> torch.Tensor:
+def batch_norm_leaky(
+    x: torch.Tensor,
+    norm: torch.nn.BatchNorm2d,
+    slope: float,
+    mean_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.leaky_relu(norm(x), slope)`` for a batch norm in training mode, in two passes over
-    memory forward and two backward (PyTorch: five and five); updates the running statistics
-    as ``norm`` does. Needs ``supports_batch_norm(x)``."""
+    memory forward and two backward (PyTorch: five and five). Updates the running statistics
+    as ``norm`` does (through `domain_pass`), of ``x + mean_shift`` when given: a per-channel
+    constant added before a batch norm changes only its running mean.
+    Needs ``supports_batch_norm(x)``."""
     if not norm.training:
         raise ValueError("batch_norm_leaky is for batch norms in training mode")
-    factor = 0.0
-    if norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        tracked = float(norm.num_batches_tracked)
-        factor = 1.0 / tracked if norm.momentum is None else norm.momentum
-    return _BatchNormLeaky.apply(
-        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor, norm.eps, slope
-    )
+    shift = None if mean_shift is None else mean_shift.detach()
+    return _BatchNormLeaky.apply(x, norm.weight, norm.bias, norm, shift, norm.eps, slope)
 
 
 _normal_table: torch.Tensor | None = None

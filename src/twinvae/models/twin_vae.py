@@ -21,6 +21,8 @@ as fused C kernels (`cpu_kernels`, compiled on first use; without a compiler, dr
 numpy's SFC64 generator and LeakyReLU in place), dropout masks seeded from torch's RNG instead
 of drawn by torch's per-element Mersenne twister (a different, equally random mask), and no
 bias before a batch norm that cancels it. Measurements: benchmarks/README.md, "Training throughput".
+Random draws and batch-norm running statistics go through `domain_pass`, so that the trainer
+can run the two domains' passes side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinvae.config import ModelConfig
-from twinvae.models import cpu_kernels
+from twinvae.models import cpu_kernels, domain_pass
 
 DomainName = Literal["natural", "synthetic"]
 DOMAINS: tuple[DomainName, DomainName] = ("natural", "synthetic")
@@ -75,7 +77,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
-    seed = int(torch.randint(0, 2**62, (1,)))
+    seed = int(torch.randint(0, 2**62, (1,), generator=domain_pass.generator()))
     n = x.numel()
     words = np.random.SFC64(seed).random_raw(-(-n // 4))
     keep = words.view(np.uint16)[:n] >= round(p * 2**_DROPOUT_BITS)
@@ -149,10 +151,12 @@ def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> tor
             and isinstance(following, nn.LeakyReLU)
             and cpu_kernels.supports_batch_norm(x)
         ):
-            x = cpu_kernels.batch_norm_leaky(x, layer, following.negative_slope)
-            if cancelled_bias is not None:
-                _add_bias_to_running_mean(layer, cancelled_bias)
+            x = cpu_kernels.batch_norm_leaky(
+                x, layer, following.negative_slope, mean_shift=cancelled_bias
+            )
             skip = True  # the LeakyReLU is done
+        elif fast and isinstance(layer, nn.BatchNorm2d) and layer.training:
+            x = _batch_norm_with_batch_statistics(x, layer, mean_shift=cancelled_bias)
         elif fast and isinstance(layer, nn.LeakyReLU) and fresh:
             # in place on a fresh output nobody else keeps: one pass over memory less
             x = F.leaky_relu_(x, layer.negative_slope)
@@ -170,9 +174,6 @@ def _run_layers(layers: Iterable[nn.Module], x: torch.Tensor, fast: bool) -> tor
             x = conv2d_small_output(x, layer.weight, layer.bias, layer.stride)
         else:
             x = layer(x)
-            if cancelled_bias is not None:
-                assert isinstance(layer, nn.BatchNorm2d)
-                _add_bias_to_running_mean(layer, cancelled_bias)
         if not isinstance(layer, nn.ConvTranspose2d):
             cancelled_bias = None
         previous = layer
@@ -188,19 +189,17 @@ def _uses_batch_statistics(layer: nn.Module | None) -> bool:
     return isinstance(layer, nn.BatchNorm2d) and (layer.training or layer.running_mean is None)
 
 
-@torch.no_grad()
-def _add_bias_to_running_mean(norm: nn.BatchNorm2d, bias: torch.Tensor) -> None:
-    """The running-mean update ``norm`` would have made had ``bias`` been added to its input."""
-    if not norm.training or norm.running_mean is None:
-        return
-    if norm.momentum is None:  # cumulative average, as nn.BatchNorm2d computes it
-        assert norm.num_batches_tracked is not None
-        factor = 1.0 / float(norm.num_batches_tracked)
-    else:
-        factor = norm.momentum
-    # ``.data``: autograd saved the running mean for the backward of batch_norm, which in
-    # training mode does not read it; a tracked in-place update would fail its version check
-    norm.running_mean.data.add_(bias.to(norm.running_mean.dtype), alpha=factor)
+def _batch_norm_with_batch_statistics(
+    x: torch.Tensor, norm: nn.BatchNorm2d, mean_shift: torch.Tensor | None
+) -> torch.Tensor:
+    """``norm(x)`` in training mode (where ``cpu_kernels.batch_norm_leaky`` does not apply),
+    its running statistics updated through `domain_pass` like the fused kernel's."""
+    y = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=1)
+    shifted = mean if mean_shift is None else mean + mean_shift.detach().float()
+    domain_pass.update_running_statistics(norm, shifted, var)
+    return y
 
 
 def _by_conv_grad(layer: nn.ConvTranspose2d) -> bool:
@@ -689,7 +688,13 @@ class TwinVAE(nn.Module):
     ) -> TwinOutput:
         """One domain's pass. ``sample`` draws z (training); otherwise z = mu (deterministic)."""
         mu, logvar = self.encode(images, domain)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        if sample:
+            noise = torch.randn(
+                mu.shape, dtype=mu.dtype, device=mu.device, generator=domain_pass.generator()
+            )
+            z = mu + noise * torch.exp(0.5 * logvar)
+        else:
+            z = mu
         recon = self.decode(z, domain) if decode else None
         return TwinOutput(mu=mu, logvar=logvar, z=z, count=self.regress(mu), recon=recon)
 

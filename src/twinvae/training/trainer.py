@@ -6,7 +6,7 @@ import csv
 import math
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from twinvae.config import ExperimentConfig, OptimConfig
+from twinvae.config import ExperimentConfig, LossConfig, OptimConfig
 from twinvae.errors import CheckpointError, ConfigError, TwinVAEError
 from twinvae.evaluation.metrics import count_metrics
-from twinvae.models.twin_vae import TwinVAE
+from twinvae.models.domain_pass import RunningUpdate, apply_running_updates, independent_pass
+from twinvae.models.twin_vae import DomainName, TwinVAE
 from twinvae.training.augment import augment_batch, dihedral_views
 from twinvae.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from twinvae.training.data import (
@@ -30,7 +31,7 @@ from twinvae.training.data import (
     to_tensor,
 )
 from twinvae.training.device import Runtime, setup_runtime, teardown_runtime
-from twinvae.training.losses import twin_domain_loss
+from twinvae.training.losses import DomainLoss, twin_domain_loss
 from twinvae.training.transfer import apply_trainable, trainable_groups
 
 METRIC_COLUMNS = [
@@ -75,6 +76,42 @@ class TrainResult:
         return self.run_dir / "last.pt"
 
 
+DomainBatch = tuple[DomainName, torch.Tensor, torch.Tensor]  # domain, images, counts
+
+
+def domain_loss(
+    model: TwinVAE,
+    loss_config: LossConfig,
+    batch: DomainBatch,
+    rec_weight: float,
+    regressor_on: bool,
+) -> DomainLoss:
+    """One domain's forward pass and twin loss (decoding only when a loss uses it)."""
+    domain, images, counts = batch
+    decode = rec_weight > 0 and not loss_config.decoder_off
+    output = model(images, domain, sample=True, decode=decode)
+    return twin_domain_loss(
+        output,
+        images,
+        counts,
+        loss_config,
+        rec_weight=rec_weight if decode else 0.0,
+        regressor_on=regressor_on,
+    )
+
+
+def summed_losses(
+    batches: list[DomainBatch], losses: list[DomainLoss]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss and the unweighted terms by name (``natural_rec``, ...)."""
+    total = sum((loss.total for loss in losses[1:]), start=losses[0].total)
+    terms: dict[str, torch.Tensor] = {}
+    for (domain, _, _), loss in zip(batches, losses, strict=True):
+        terms[f"{domain}_rec"], terms[f"{domain}_reg"] = loss.rec, loss.reg
+        terms[f"{domain}_kl"] = loss.kl
+    return total, terms
+
+
 class TwinStep(nn.Module):
     """Both domains' forward passes and losses in one call (one forward per backward, for DDP)."""
 
@@ -84,69 +121,95 @@ class TwinStep(nn.Module):
         self.loss_config = config.loss
 
     def forward(
+        self, batches: list[DomainBatch], rec_weight: float, regressor_on: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and its unweighted terms (detached)."""
+        losses = [
+            domain_loss(self.model, self.loss_config, batch, rec_weight, regressor_on)
+            for batch in batches
+        ]
+        return summed_losses(batches, losses)
+
+
+class DomainPasses:
+    """The training step of a one-process CPU run: each domain's forward and backward pass as
+    an `independent_pass`, on two threads side by side when ``threads`` is given, else one
+    after the other. Either way the passes draw from their own generators, seeded in order from
+    torch's global one, and their batch-norm statistics are applied in domain order, so the
+    numbers do not depend on the threads' timing (and are the same without threads, up to
+    rounding).
+
+    Side by side is faster on the CPU: oneDNN's kernels gain only 1.2 - 1.9x from a second
+    thread (the weight gradients least), so two passes at half the threads each keep the cores
+    busier (benchmarks/README.md). The domains share parameters only as leaves, whose gradients
+    autograd adds under a lock (a + b, the same in either order).
+    """
+
+    def __init__(
         self,
-        natural: torch.Tensor,
-        natural_counts: torch.Tensor,
-        synthetic: torch.Tensor | None,
-        synthetic_counts: torch.Tensor | None,
-        rec_weight: float,
-        regressor_on: bool,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
-        """The total loss, its unweighted terms (detached) and each domain's weighted total."""
-        decode = rec_weight > 0 and not self.loss_config.decoder_off
-        effective_rec = rec_weight if decode else 0.0
-        batches = [("natural", natural, natural_counts)]
-        if synthetic is not None and synthetic_counts is not None:
-            batches.append(("synthetic", synthetic, synthetic_counts))
-        total = natural.new_zeros((), dtype=torch.float32)
-        terms: dict[str, torch.Tensor] = {}
-        domain_totals: list[torch.Tensor] = []
-        for domain, images, counts in batches:
-            output = self.model(images, domain, sample=True, decode=decode)
-            loss = twin_domain_loss(
-                output,
-                images,
-                counts,
-                self.loss_config,
-                rec_weight=effective_rec,
-                regressor_on=regressor_on,
-            )
-            total = total + loss.total
-            domain_totals.append(loss.total)
-            terms[f"{domain}_rec"], terms[f"{domain}_reg"] = loss.rec, loss.reg
-            terms[f"{domain}_kl"] = loss.kl
-        return total, terms, domain_totals
+        model: TwinVAE,
+        config: ExperimentConfig,
+        runtime: Runtime,
+        threads: ThreadPoolExecutor | None,
+    ) -> None:
+        self.model = model
+        self.loss_config = config.loss
+        self.runtime = runtime
+        self.threads = threads
+
+    def run(
+        self, batches: list[DomainBatch], rec_weight: float, regressor_on: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of every batch; returns the total loss and its terms."""
+        seeds = [int(seed) for seed in torch.randint(0, 2**62, (len(batches),))]
+        jobs = [
+            (batch, seed, rec_weight, regressor_on)
+            for batch, seed in zip(batches, seeds, strict=True)
+        ]
+        if self.threads is not None and len(jobs) == 2:
+            running = [self.threads.submit(self._pass, *job) for job in jobs]
+            wait(running)  # both finish before anything (an error included) goes on
+            results = [future.result() for future in running]
+        else:
+            results = [self._pass(*job) for job in jobs]
+        for _, updates in results:
+            apply_running_updates(updates)
+        losses = [loss for loss, _ in results]
+        total, terms = summed_losses(batches, losses)
+        return total.detach(), terms
+
+    def _pass(
+        self, batch: DomainBatch, seed: int, rec_weight: float, regressor_on: bool
+    ) -> tuple[DomainLoss, list[RunningUpdate]]:
+        generator = torch.Generator().manual_seed(seed)
+        with self.runtime.autocast(), independent_pass(generator) as updates:
+            loss = domain_loss(self.model, self.loss_config, batch, rec_weight, regressor_on)
+        # a domain whose layers are all frozen (a thaw stage) has nothing to back-propagate
+        if loss.total.requires_grad:
+            loss.total.backward()
+        return loss, updates
 
 
-def domain_backward_threads(
+def domain_threads(
     runtime: Runtime, config: ExperimentConfig, two_domains: bool
 ) -> ThreadPoolExecutor | None:
-    """Two threads for the two domains' backward passes, or None where they do not apply.
-
-    On the CPU the backward pass is about two thirds of a step, and oneDNN's weight-gradient
-    kernels gain only 1.6 - 1.9x from a second thread; two domains side by side at half the
-    threads each keep the cores busier (benchmarks/README.md). The domains share parameters
-    only as leaves, whose gradients autograd adds under a lock (a + b, the same in either
-    order). Not with DDP, whose gradient hooks expect one backward per forward, nor with
-    fp16 loss scaling (CUDA only).
-    """
+    """Two threads with half the torch threads each for `DomainPasses`, or None where they
+    do not apply (``train.parallel_domains`` off, one domain, fewer than two threads)."""
     threads = torch.get_num_threads()
-    usable = (
-        config.train.parallel_backward
-        and two_domains
-        and runtime.device.type == "cpu"
-        and not runtime.distributed
-        and runtime.precision != "fp16"
-        and threads >= 2
-    )
-    if not usable:
+    if not (config.train.parallel_domains and two_domains and threads >= 2):
         return None
     return ThreadPoolExecutor(
         2,
-        thread_name_prefix="twinvae-backward",
+        thread_name_prefix="twinvae-domain",
         initializer=torch.set_num_threads,  # per OS thread; the main thread keeps its count
         initargs=(threads // 2,),
     )
+
+
+def uses_domain_passes(runtime: Runtime) -> bool:
+    """Whether a run trains with `DomainPasses`: on the CPU, in one process. DDP needs one
+    forward per backward (`TwinStep`); on CUDA dropout draws from the device's generator."""
+    return runtime.device.type == "cpu" and not runtime.distributed and runtime.precision != "fp16"
 
 
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -279,9 +342,10 @@ class Trainer:
         self._trainable: set[str] | None = None
         self._frozen_modules: list[nn.Module] = []
         self.step_module: nn.Module = TwinStep(self.model, config)
-        self.backward_threads = domain_backward_threads(
-            self.runtime, config, self.synthetic is not None
-        )
+        self.domain_passes: DomainPasses | None = None
+        if uses_domain_passes(self.runtime):
+            threads = domain_threads(self.runtime, config, self.synthetic is not None)
+            self.domain_passes = DomainPasses(self.model, config, self.runtime, threads)
         if resume_from is not None:
             self._restore(resume_from)
         elif self.runtime.is_main:
@@ -358,9 +422,9 @@ class Trainer:
                         stopped_early = True
                         break
         finally:
-            if self.backward_threads is not None:
-                self.backward_threads.shutdown()
-                self.backward_threads = None
+            if self.domain_passes is not None and self.domain_passes.threads is not None:
+                self.domain_passes.threads.shutdown()
+                self.domain_passes.threads = None
             teardown_runtime(self.runtime)
         return TrainResult(
             run_dir=self.run_dir,
@@ -396,7 +460,7 @@ class Trainer:
             natural_counts = torch.from_numpy(natural_set.counts[index].astype(np.float32)).to(
                 runtime.device
             )
-            synthetic = synthetic_counts = None
+            batches: list[DomainBatch] = [("natural", natural, natural_counts)]
             if self.synthetic is not None:
                 syn_images, syn_counts = self.synthetic.batch(
                     synthetic_batch, (epoch, step, runtime.rank), rng
@@ -409,24 +473,20 @@ class Trainer:
                 synthetic_counts = torch.from_numpy(syn_counts.astype(np.float32)).to(
                     runtime.device
                 )
-            with runtime.autocast():
-                loss, terms, domain_totals = self.step_module(
-                    natural, natural_counts, synthetic, synthetic_counts, rec_weight, regressor_on
-                )
+                batches.append(("synthetic", synthetic, synthetic_counts))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.domain_passes is not None:
+                loss, terms = self.domain_passes.run(batches, rec_weight, regressor_on)
+            else:
+                with runtime.autocast():
+                    loss, terms = self.step_module(batches, rec_weight, regressor_on)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; stopped. "
                     f"The last good checkpoint is kept in {self.run_dir / 'last.pt'}. "
                     "Try a lower optim.lr, optim.grad_clip or train.precision=fp32."
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            # a domain whose layers are all frozen (a thaw stage) has nothing to back-propagate
-            learning = [total for total in domain_totals if total.requires_grad]
-            if self.backward_threads is not None and len(learning) == 2:
-                running = [self.backward_threads.submit(total.backward) for total in learning]
-                for backward in running:
-                    backward.result()  # re-raises what the thread raised
-            else:
+            if self.domain_passes is None:
                 self.scaler.scale(loss).backward()
             if cfg.optim.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -437,7 +497,7 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            images_seen += batch + (synthetic_batch if synthetic is not None else 0)
+            images_seen += sum(len(images) for _, images, _ in batches)
             on_step()
         seconds = time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch + 1}
