@@ -6,7 +6,7 @@
 (b) twinvae: `twinvae.training.trainer.Trainer` steps: whole-batch `augment_batch`,
     channels_last, `fast_kernels`, the precision `train.precision` resolves to (bf16 autocast
     on CPUs with AVX512-BF16/AMX under ``auto``), and the trainer's CPU settings (freed memory
-    kept, the two domains' backward passes side by side).
+    kept, the two domains' forward and backward passes side by side).
 
 Both train both domains at batch 64 natural + 64 synthetic on 128 x 128 generated images. Each
 runs in its own process, as the two programs would (process-wide settings such as twinvae's

@@ -136,12 +136,12 @@ class DomainPasses:
     an `independent_pass`, on two threads side by side when ``threads`` is given, else one
     after the other. Either way the passes draw from their own generators, seeded in order from
     torch's global one, and their batch-norm statistics are applied in domain order, so the
-    numbers do not depend on the threads' timing (and are the same without threads, up to
-    rounding).
+    numbers do not depend on the threads' timing (without threads they are the same up to the
+    rounding of oneDNN, which depends on its thread count).
 
-    Side by side is faster on the CPU: oneDNN's kernels gain only 1.2 - 1.9x from a second
-    thread (the weight gradients least), so two passes at half the threads each keep the cores
-    busier (benchmarks/README.md). The domains share parameters only as leaves, whose gradients
+    Side by side is faster on the CPU: oneDNN's kernels gain only 1.6 - 1.9x from a second
+    thread, so two passes at half the threads each keep the cores busier
+    (benchmarks/README.md). The domains share parameters only as leaves, whose gradients
     autograd adds under a lock (a + b, the same in either order).
     """
 
