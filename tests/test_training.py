@@ -284,12 +284,6 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _shut_down(trainer: Trainer) -> None:
-    """What fit() does at its end."""
-    if trainer.domain_passes is not None and trainer.domain_passes.threads is not None:
-        trainer.domain_passes.threads.shutdown()
-
-
 @pytest.mark.usefixtures("two_threads")
 def test_domain_passes_side_by_side_give_the_numbers_of_one_after_the_other(
     tmp_path: Path, tiny_data: TrainingData
@@ -311,7 +305,7 @@ def test_domain_passes_side_by_side_give_the_numbers_of_one_after_the_other(
             "params": dict(trainer.model.named_parameters()),
             "buffers": dict(trainer.model.named_buffers()),
         }
-        _shut_down(trainer)
+        trainer.stop_domain_threads()
     side_by_side, in_turn = states[True], states[False]
     assert side_by_side["row"] == in_turn["row"]
     for kind in ("grads", "params", "buffers"):

@@ -396,6 +396,13 @@ class Trainer:
         else:
             self.step_module = base
 
+    def stop_domain_threads(self) -> None:
+        """End the domain threads (`fit` does at its end); later steps run the passes in turn
+        (the same numbers up to oneDNN's rounding, which depends on its thread count)."""
+        if self.domain_passes is not None and self.domain_passes.threads is not None:
+            self.domain_passes.threads.shutdown()
+            self.domain_passes.threads = None
+
     # ---- training -------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
@@ -422,9 +429,7 @@ class Trainer:
                         stopped_early = True
                         break
         finally:
-            if self.domain_passes is not None and self.domain_passes.threads is not None:
-                self.domain_passes.threads.shutdown()
-                self.domain_passes.threads = None
+            self.stop_domain_threads()
             teardown_runtime(self.runtime)
         return TrainResult(
             run_dir=self.run_dir,
