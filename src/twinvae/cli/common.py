@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -11,10 +12,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from twinvae.progress import Task
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,3 +55,21 @@ def track(
         for item in items:
             yield item
             progress.advance(task)
+
+
+class _RichTask:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, steps: int = 1) -> None:
+        self._progress.advance(self._task, steps)
+
+    def describe(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
+
+
+@contextmanager
+def rich_display(description: str, total: int | None) -> Iterator[Task]:
+    """The CLI's display for `twinvae.progress`: a rich bar on stderr when it is a terminal."""
+    with make_progress() as progress:
+        yield _RichTask(progress, progress.add_task(description, total=total))

@@ -9,8 +9,9 @@ from rich.markup import escape
 
 from twinvae import __version__
 from twinvae.cli import data, demo, experiment, export, knime, synth, train, zoo
-from twinvae.cli.common import err_console
+from twinvae.cli.common import err_console, rich_display
 from twinvae.errors import TwinVAEError
+from twinvae.progress import use_display
 
 app = typer.Typer(
     name="twinvae",
@@ -48,7 +49,8 @@ for module in (synth, data, train, export, zoo, knime, experiment, demo):
 def main() -> None:
     """Run the CLI; user errors become one red line and exit code 1, not a traceback."""
     try:
-        app()  # standalone mode: usage errors are reported by typer itself (exit code 2)
+        with use_display(rich_display):
+            app()  # standalone mode: usage errors are reported by typer itself (exit code 2)
     except TwinVAEError as error:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False)
         sys.exit(1)
