@@ -4,9 +4,9 @@
     that augments one PIL image at a time (flips, 90-degree and small rotations, crop of scale
     0.9 resized back, additive noise) through DataLoaders with num_workers=0; a plain step.
 (b) twinvae: `twinvae.training.trainer.Trainer` steps: whole-batch `augment_batch`,
-    channels_last, `fast_kernels`, the precision `train.precision` resolves to (bf16 autocast
-    on CPUs with AVX512-BF16/AMX under ``auto``), and the trainer's CPU settings (freed memory
-    kept, the two domains' forward and backward passes side by side).
+    channels_last, `twinvae.accel.accelerate`, the precision `train.precision` resolves to
+    (bf16 autocast on CPUs with AVX512-BF16/AMX under ``auto``), the two domains' forward and
+    backward passes side by side, and freed memory kept as the twinvae command keeps it.
 
 Both train both domains at batch 64 natural + 64 synthetic on 128 x 128 generated images. Each
 runs in its own process, as the two programs would (process-wide settings such as twinvae's
@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from twinvae.cli.process import keep_freed_memory
 from twinvae.config import ExperimentConfig, config_from_dict
 from twinvae.data.imageset import ImageSet
 from twinvae.data.synthetic import SynthConfig, generate
@@ -271,6 +272,7 @@ def build(kind: str, args: argparse.Namespace, folder: Path) -> tuple[Callable[[
     sets = make_image_sets(args.pool, args.pool, 64, seed=0)
     config = experiment_config(args.precision, args.steps, args.warmup + args.rounds + 1)
     if kind == "twinvae":
+        keep_freed_memory()  # what the twinvae command does for its process
         data = TrainingData(sets["natural"], sets["val"], sets["synthetic"], None)
         project = ProjectTraining(config, data, folder / "run")
         return project.run, project.trainer.runtime.precision

@@ -1,15 +1,17 @@
-"""The fused C kernel (LeakyReLU + dropout): same function as PyTorch's ops, reproducible,
-independent of the thread count, and a clean fallback when it cannot be compiled."""
+"""The fused C kernels: torch operators computing the function of PyTorch's ops, reproducible,
+independent of the thread count, cached per CPU and compiler, and a clean fallback when they
+cannot be compiled."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from twinvae.models import cpu_kernels
+from twinvae.accel import accelerate, cpu_kernels
 
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(),
@@ -121,6 +123,74 @@ def test_kernels_are_compiled_once_into_the_cache(
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+def _fingerprint_of_another_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine whose CPU lacks AVX-512 (a home folder shared with it)."""
+    flags = " ".join(flag for flag in cpu_kernels.cpu_flags().split() if "avx512" not in flag)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags + " other-cpu")
+    real = cpu_kernels._compiler_output
+
+    def compiler_output(compiler: str, *arguments: str) -> str:
+        output = real(compiler, *arguments)
+        if "-march=native" in arguments:
+            return "\n".join(line for line in output.splitlines() if "AVX512" not in line)
+        return output
+
+    monkeypatch.setattr(cpu_kernels, "_compiler_output", compiler_output)
+
+
+def test_the_cache_key_covers_cpu_compiler_and_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    here = cpu_kernels.build_fingerprint("cc")
+    key = cpu_kernels.cache_key(here)
+    for field in ("source_sha256", "compiler_version", "cpu_flags", "native_target", "machine"):
+        assert cpu_kernels.cache_key({**here, field: here[field] + " changed"}) != key, field
+    with monkeypatch.context() as patch:
+        _fingerprint_of_another_cpu(patch)
+        other = cpu_kernels.build_fingerprint("cc")
+    assert other["cpu_flags"] != here["cpu_flags"]
+    assert cpu_kernels.cache_key(other) != key
+
+
+@needs_kernels
+def test_a_cache_shared_with_another_cpu_never_gives_it_this_cpus_binary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TWINVAE_CACHE", str(tmp_path))
+    here = cpu_kernels._build("cc")
+    stamp = here.stat().st_mtime_ns
+    with monkeypatch.context() as patch:
+        _fingerprint_of_another_cpu(patch)
+        there = cpu_kernels._build("cc")
+    assert there != here and there.parent.parent == here.parent.parent
+    fingerprint = json.loads((there.parent / "fingerprint.json").read_text())
+    assert "other-cpu" in fingerprint["cpu_flags"]
+    assert cpu_kernels._build("cc") == here and here.stat().st_mtime_ns == stamp  # reused
+
+
+@needs_kernels
+def test_the_kernels_are_torch_operators() -> None:
+    ops = torch.ops.twinvae
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    a, b = torch.rand(4), torch.rand(4)
+    dropout = (1, 2, 6554, 0.2, 1 / 0.9)
+    cases = [
+        (ops.leaky_dropout.default, (x, *dropout)),
+        (ops.leaky_dropout_.default, (x.clone(), *dropout)),
+        (ops.leaky_dropout_backward.default, (torch.randn_like(x), x, *dropout)),
+        (ops.batch_norm_stats.default, (x,)),
+        (ops.batch_norm_leaky.default, (x, a, b, 0.2)),
+        (ops.batch_norm_leaky_backward_stats.default, (torch.randn_like(x), x, a, b, a, b, 0.2)),
+        (
+            ops.batch_norm_leaky_backward.default,
+            (torch.randn_like(x), x, a, b, a, b, a, b, a, 0.2),
+        ),
+        (ops.add_noise.default, (torch.rand(3, 1, 8, 8), torch.rand(3), torch.rand(2**16), 3, 4)),
+    ]
+    for op, args in cases:  # schema (what it mutates), fake kernel, tracing
+        torch.library.opcheck(op, args)
+    with pytest.raises(ValueError, match="channels-last"):
+        ops.batch_norm_leaky(x.contiguous(), a, b, 0.2)
+
+
 @needs_kernels
 def test_training_forward_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     from twinvae.config import ModelConfig
@@ -149,7 +219,7 @@ def test_training_forward_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(cpu_kernels, "batch_norm_leaky", counting_norm)
     model = TwinVAE(ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,)))
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.fast_kernels = True
+    accelerate(model)
     images = torch.rand(2, 1, 128, 128).contiguous(memory_format=torch.channels_last)
     output = model(images, "natural")
     assert output.recon is not None

@@ -1,9 +1,19 @@
-"""TwinVAE shapes, deterministic inference, variants."""
+"""TwinVAE shapes, deterministic inference, variants; the bundled counting network is the
+model's own definition."""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
-from twinvae.models import ModelConfig, TwinVAE
+from twinvae.export.network import (
+    NetworkSpec,
+    architecture_source,
+    load_standalone_class,
+    network_state,
+)
+from twinvae.models import ModelConfig, TwinVAE, counting_network
 from twinvae.models.twin_vae import set_trainable
 
 TINY = ModelConfig(base_channels=4, latent_dim=8, regressor_hidden=(8,))
@@ -93,50 +103,29 @@ def test_standardized_input_ignores_brightness_and_contrast() -> None:
     assert output.recon is not None and output.recon.shape == images.shape
 
 
-@pytest.mark.parametrize("c_kernels", [True, False])  # False: as without a C compiler
-def test_independent_pass_draws_from_its_generator_and_defers_running_statistics(
-    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from twinvae.models import cpu_kernels, domain_pass
-
-    if not c_kernels:
-        monkeypatch.setattr(cpu_kernels, "_loaded", True)
-        monkeypatch.setattr(cpu_kernels, "_library", None)
-    torch.manual_seed(0)
-    model = TwinVAE(TINY).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.fast_kernels = True
-    model.train()
-    x = torch.rand(4, 1, 128, 128).contiguous(memory_format=torch.channels_last)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    global_state = torch.get_rng_state()
-    outputs, pending = [], []
-    for _ in range(2):
-        with domain_pass.independent_pass(torch.Generator().manual_seed(7)) as updates:
-            outputs.append(model(x, "natural"))
-        pending.append(updates)
-    assert torch.equal(torch.get_rng_state(), global_state)  # the global generator is untouched
-    assert torch.equal(outputs[0].z, outputs[1].z)  # same generator seed: same sample and masks
-    assert outputs[0].recon is not None and outputs[1].recon is not None
-    assert torch.equal(outputs[0].recon, outputs[1].recon)
-    for name, buffer in model.named_buffers():
-        assert torch.equal(buffer, buffers[name]), name  # nothing applied yet
-    assert len(pending[0]) == 5  # the shared decoder's batch norm and the outer decoder's four
-    domain_pass.apply_running_updates(pending[0])
-    norm = model.shared_decoder.deconv[1]
-    assert int(norm.num_batches_tracked) == 1
-    assert not torch.equal(norm.running_mean, buffers["shared_decoder.deconv.1.running_mean"])
-    with torch.no_grad():
-        direct = model(x, "natural", sample=False)  # outside a pass: applied at once
-    assert direct.recon is not None and int(norm.num_batches_tracked) == 2
-
-
-def test_independent_passes_do_not_nest() -> None:
-    from twinvae.models import domain_pass
-
-    with (
-        domain_pass.independent_pass(torch.Generator()),
-        pytest.raises(RuntimeError, match="do not nest"),
-        domain_pass.independent_pass(torch.Generator()),
-    ):
-        pass
-    assert domain_pass.generator() is None
+def test_the_bundled_architecture_file_is_the_models_own_definition(tmp_path: Path) -> None:
+    """Bundles ship `twinvae.models.counting_network` itself, which imports only torch."""
+    source = Path(counting_network.__file__).read_bytes()
+    assert architecture_source() == source
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    assert imported <= {"__future__", "collections", "torch"}, imported
+    shipped = tmp_path / "twinvae_counting_network.py"
+    shipped.write_bytes(architecture_source())
+    standalone = load_standalone_class(shipped)
+    images = torch.rand(3, 1, 128, 128)
+    for update in ({}, {"regressor_input": "shared_decoder", "standardize_input": True}):
+        torch.manual_seed(4)
+        twin = TwinVAE(TINY.model_copy(update=update)).eval()
+        spec = NetworkSpec(twin.config, with_mu=True)
+        network = standalone(**spec.architecture_kwargs())
+        network.load_state_dict(network_state(twin), strict=True)
+        count, mu = network(images)
+        torch.testing.assert_close(count[:, 0], twin.count(images), rtol=0, atol=0)
+        torch.testing.assert_close(mu, twin.encode(images, "natural")[0], rtol=0, atol=0)

@@ -1,8 +1,9 @@
-"""The exported network: the Twin-VAE's deterministic natural path, and its standalone twin.
+"""The exported network: the Twin-VAE's deterministic natural path.
 
-The bundle's ``pytorch_state_dict`` weights are loaded by bioimage.io tools into the class in
-``templates/twinvae_counting_network.py``, a file that does not import twinvae. Its module layout
-mirrors :class:`twinvae.models.twin_vae.CountingNetwork`, so one state dict fits both.
+The bundle's ``pytorch_state_dict`` weights are loaded by bioimage.io tools into
+``TwinVAECountingNetwork`` of the file ``twinvae_counting_network.py`` in the bundle: the source
+of `twinvae.models.counting_network`, which imports nothing but torch and defines the blocks the
+Twin-VAE itself is built from, so one state dict fits both.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ MU_ID = "mu"
 
 
 def architecture_source() -> bytes:
-    """The bytes of the standalone architecture file shipped with twinvae."""
-    return (resources.files("twinvae.export") / "templates" / ARCHITECTURE_FILE).read_bytes()
+    """The bytes of the standalone architecture file bundles ship (as ``ARCHITECTURE_FILE``)."""
+    return (resources.files("twinvae.models") / "counting_network.py").read_bytes()
 
 
 def architecture_sha256() -> str:

@@ -2,7 +2,7 @@
 
 Flips, 90-degree rotations, small rotations, crop-and-resize and translation are combined into
 one affine transform per image and applied with a single ``grid_sample`` call; then zero-mean
-Gaussian noise is added (on the CPU by the fused kernel of ``twinvae.models.cpu_kernels`` when
+Gaussian noise is added (on the CPU by the fused kernel of ``twinvae.accel.cpu_kernels`` when
 it is built). Applied to training batches only.
 """
 
@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from twinvae.accel import cpu_kernels
 from twinvae.config import AugmentConfig
-from twinvae.models import cpu_kernels
 
 
 def augment_batch(

@@ -1,11 +1,14 @@
-"""Device, precision and distributed set-up: CUDA when present, CPU otherwise."""
+"""Device, precision and distributed set-up: CUDA when present, CPU otherwise.
+
+Library code changes no process-wide setting for good: `setup_runtime` sets torch's thread count
+only when the config asks for one, and `teardown_runtime` restores it. Settings that cannot be
+undone (glibc's malloc tuning, `twinvae.cli.process`) are made by the twinvae command alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16
     rank: int = 0
     world_size: int = 1
+    threads_before: int | None = None  # torch's thread count before setup_runtime changed it
 
     @property
     def is_main(self) -> bool:
@@ -76,50 +80,28 @@ def select_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
-_KEEP_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory (up to 1 GiB) for reuse by this process.
-
-    A training step allocates and frees the same large activation buffers every time. By
-    default glibc maps buffers above 32 MB freshly from the OS and returns free heap above
-    64 MB, so every step page-faults tens of megabytes in again (~20,000 faults per CPU step
-    of the paper-size model, a few % of its time). Process-wide and only with glibc; off with
-    ``TWINVAE_KEEP_FREED_MEMORY=0``. Returns whether the setting was applied.
-    """
-    if os.environ.get("TWINVAE_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = [mallopt(option, _KEEP_BYTES) for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
-    return all(result == 1 for result in applied)
-
-
 def setup_runtime(config: TrainConfig) -> Runtime:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start DDP if needed."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(config.device, local_rank)
-    if device.type == "cpu":
-        keep_freed_memory()
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+    threads_before = None
+    if device.type == "cpu" and config.num_threads is not None:
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(config.num_threads)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    return Runtime(device, select_precision(config.precision, device), rank, world_size)
+    precision = select_precision(config.precision, device)
+    return Runtime(device, precision, rank, world_size, threads_before)
 
 
 def teardown_runtime(runtime: Runtime) -> None:
+    """Undo `setup_runtime`: end DDP, give torch back the thread count it had."""
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    if runtime.threads_before is not None:
+        torch.set_num_threads(runtime.threads_before)

@@ -1,4 +1,5 @@
-/* Fused element-wise training kernels for the CPU (see cpu_kernels.py).
+/* Fused element-wise training kernels for the CPU (see cpu_kernels.py, which registers each
+ * function as a torch operator: torch.ops.twinvae.*).
  *
  * LeakyReLU followed by inverted dropout, forward and backward, in one pass over memory. The
  * dropout mask is not stored: it is a hash of the element index and the seed, which the

@@ -1,14 +1,15 @@
-"""Independent forward passes: what lets the two domains' passes run side by side on two threads.
+"""Independent passes: what lets the two domains' passes run side by side on two threads.
 
 A training pass of the Twin-VAE draws random numbers (dropout masks, the sampled z) and moves
 the running statistics of its batch norms, one of which both domains share. Inside
-`independent_pass` the model draws from the pass's own generator instead of torch's global one,
-and the running-statistics updates wait in a list until `apply_running_updates` makes them in
-the order the caller chooses. Two passes on two threads then give the same numbers as the same
-two passes one after the other, whatever the threads' timing.
+`independent_pass` the accelerated modules (`twinvae.accel.modules`) draw from the pass's own
+generator instead of torch's global one, and their running-statistics updates wait in a list
+until `apply_running_updates` makes them in the order the caller chooses. Two passes on two
+threads then give the same numbers as the same two passes one after the other, whatever the
+threads' timing. PyTorch's own ``nn.Dropout`` and ``nn.BatchNorm2d`` know nothing of this:
+a model must be accelerated before its passes run on threads (`require_independent_passes`).
 
-The state is per OS thread, and it covers the CPU training kernels of `twin_vae` (the ``fast``
-path): a generator lives on the CPU.
+The state is per OS thread; a generator lives on the CPU.
 """
 
 from __future__ import annotations
