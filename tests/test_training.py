@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import os
+import random
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,16 +18,20 @@ import torch
 
 from twinvae.config import ExperimentConfig, config_from_dict
 from twinvae.data.imageset import ImageSet
+from twinvae.errors import ConfigError
+from twinvae.evaluation import predict as predict_module
+from twinvae.training import steps as steps_module
 from twinvae.training import trainer as trainer_module
 from twinvae.training.checkpoint import load_checkpoint
 from twinvae.training.data import TrainingData
 from twinvae.training.device import Runtime
+from twinvae.training.run_dir import RunDirectoryInUseError
+from twinvae.training.steps import domain_threads, uses_domain_passes
 from twinvae.training.trainer import (
     Trainer,
     TrainingDivergedError,
-    domain_threads,
+    TrainingWarning,
     train,
-    uses_domain_passes,
 )
 from twinvae.training.transfer import trainable_groups
 
@@ -134,14 +144,22 @@ def test_killed_run_resumes_to_identical_metrics(
         train(config, tmp_path / "resumed", data=tiny_data, progress=False)
     assert len(_rows(tmp_path / "resumed")) == 2
     monkeypatch.setattr(trainer_module, "augment_batch", real_augment)
-    train(config, tmp_path / "resumed", data=tiny_data, progress=False, resume=True)
+    # every epoch reseeds from epoch_seed, so checkpoints keep no RNG state and the global
+    # generators' state at resume does not matter
+    assert "rng" not in torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    random.seed(12345)
+    with warnings.catch_warnings():  # the same runtime: no warning
+        warnings.simplefilter("error", TrainingWarning)
+        train(config, tmp_path / "resumed", data=tiny_data, progress=False, resume=True)
     assert _rows(tmp_path / "resumed") == _rows(tmp_path / "straight")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_loss = trainer_module.twin_domain_loss
+    real_loss = steps_module.twin_domain_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -151,7 +169,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
             loss.total = loss.total * float("nan")
         return loss
 
-    monkeypatch.setattr(trainer_module, "twin_domain_loss", poisoned)
+    monkeypatch.setattr(steps_module, "twin_domain_loss", poisoned)
     with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
         train(_config(), tmp_path / "run", data=tiny_data, progress=False)
     assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 0
@@ -355,3 +373,323 @@ def test_domain_passes_with_a_fully_frozen_domain(tmp_path: Path, tiny_data: Tra
     )
     result = train(config, tmp_path / "run", data=tiny_data, progress=False)
     assert result.epochs_run == 2
+
+
+# ---- one writer per run folder, leftovers, resume ----------------------------------------------
+
+
+def _train_in_thread(
+    target: Callable[[], object], pause: threading.Event
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``target`` on a thread until it reaches its pause (see `_pausing`)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+            pause.set()  # never leave the main thread waiting
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert pause.wait(60), "the first training never reached its pause"
+    return thread, errors
+
+
+def _pausing(
+    real: Callable[..., Any], pause: threading.Event, go: threading.Event, at_call: int
+) -> Callable[..., Any]:
+    """``real``, made to wait for ``go`` at its ``at_call``-th call from the first thread."""
+    calls = {"n": 0}
+    owner: list[threading.Thread] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not owner:
+            owner.append(threading.current_thread())
+        if threading.current_thread() is owner[0]:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                pause.set()
+                assert go.wait(120)
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def test_a_second_training_into_a_busy_run_folder_is_refused(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs into one folder, the second started while the first prepares (the folder is
+    still empty): the second is refused, the first's run stays whole."""
+    run = tmp_path / "run"
+    pause, go = threading.Event(), threading.Event()
+    monkeypatch.setattr(trainer_module, "TwinVAE", _pausing(trainer_module.TwinVAE, pause, go, 1))
+    thread, errors = _train_in_thread(
+        lambda: train(_config(), run, data=tiny_data, progress=False), pause
+    )
+    try:
+        with pytest.raises(RunDirectoryInUseError, match=rf"pid {os.getpid()}\b"):
+            train(_config(), run, data=tiny_data, progress=False)
+    finally:
+        go.set()
+        thread.join()
+    assert not errors
+    assert [int(r["epoch"]) for r in _rows(run)] == [1, 2, 3]
+
+
+def test_resume_while_the_run_still_trains_is_refused(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    pause, go = threading.Event(), threading.Event()
+    # two augment calls per step, three steps per epoch: wait in the first step of epoch 2
+    paused = _pausing(trainer_module.augment_batch, pause, go, 2 * 3 + 1)
+    monkeypatch.setattr(trainer_module, "augment_batch", paused)
+    thread, errors = _train_in_thread(
+        lambda: train(_config(), run, data=tiny_data, progress=False), pause
+    )
+    try:
+        assert (run / "last.pt").is_file()
+        with pytest.raises(RunDirectoryInUseError, match="in use"):
+            train(_config(), run, data=tiny_data, progress=False, resume=True)
+    finally:
+        go.set()
+        thread.join()
+    assert not errors
+    assert [int(r["epoch"]) for r in _rows(run)] == [1, 2, 3]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "augment_batch", broken)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(), tmp_path / "runs" / "run", data=tiny_data, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_removes_temporary_files_of_a_killed_checkpoint_write(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    run = tmp_path / "run"
+    train(_config(train={"epochs": 1}), run, data=tiny_data, progress=False)
+    stale = run / ".last.pt.h1x0c9.tmp"  # what a kill inside atomic_writer leaves
+    stale.write_bytes(b"half a checkpoint")
+    train(_config(), run, data=tiny_data, progress=False, resume=True, resume_overrides=[])
+    assert not stale.exists()
+
+
+def _kill_in_epoch(monkeypatch: pytest.MonkeyPatch, call: int) -> Callable[[], None]:
+    """Make the ``call``-th augment call raise KeyboardInterrupt; returns the undo."""
+    real_augment = trainer_module.augment_batch
+    calls = {"n": 0}
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "augment_batch", killed)
+    return lambda: monkeypatch.setattr(trainer_module, "augment_batch", real_augment)
+
+
+@pytest.mark.filterwarnings("ignore::twinvae.training.errors.TrainingWarning")  # 3 val images
+def test_resume_from_another_directory_finds_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's data path is relative to where training started, not to where it resumes."""
+    from twinvae.data.writer import write_image_folder
+
+    start, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    write_image_folder(_image_set(24, 5, labelled_share=0.5), start / "data" / "images")
+    elsewhere.mkdir()
+    config = _config(data={"natural": "data/images", "natural_only": True, "synthetic": None})
+    monkeypatch.chdir(start)
+    undo = _kill_in_epoch(monkeypatch, 3 + 1)  # one augment call per step: epoch 2, step 1
+    with pytest.raises(KeyboardInterrupt):
+        train(config, Path("runs/a"), progress=False)
+    undo()
+    monkeypatch.chdir(elsewhere)
+    result = train(config, start / "runs" / "a", progress=False, resume=True)
+    assert result.epochs_run == 3
+    assert load_checkpoint(start / "runs" / "a" / "last.pt").config == config  # as it was given
+
+
+def test_resume_can_extend_the_epochs(tmp_path: Path, tiny_data: TrainingData) -> None:
+    """Three epochs, then two more on resume: the numbers of five epochs in one go."""
+    train(_config(train={"epochs": 5}), tmp_path / "straight", data=tiny_data, progress=False)
+    run = tmp_path / "extended"
+    train(_config(), run, data=tiny_data, progress=False)
+    with warnings.catch_warnings():  # a constant schedule: nothing is stretched
+        warnings.simplefilter("error", TrainingWarning)
+        result = train(
+            None,
+            run,
+            data=tiny_data,
+            progress=False,
+            resume=True,
+            resume_overrides=["train.epochs=5"],
+        )
+    assert [row["epoch"] for row in result.history] == [4, 5]
+    assert _rows(run) == _rows(tmp_path / "straight")
+    assert load_checkpoint(run / "last.pt").config.train.epochs == 5
+    assert "epochs: 5" in (run / "config.yaml").read_text()
+
+
+def test_more_epochs_on_resume_warn_when_they_stretch_the_schedule(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    run = tmp_path / "run"
+    train(
+        _config(train={"epochs": 1}, optim={"schedule": "cosine"}),
+        run,
+        data=tiny_data,
+        progress=False,
+    )
+    with pytest.warns(TrainingWarning, match="train.epochs 1 -> 2 spreads the learning-rate"):
+        train(
+            None,
+            run,
+            data=tiny_data,
+            progress=False,
+            resume=True,
+            resume_overrides=["train.epochs=2"],
+        )
+
+
+def test_resume_refuses_overrides_other_than_epochs_and_patience(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    run = tmp_path / "run"
+    train(_config(train={"epochs": 2}), run, data=tiny_data, progress=False)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"optim\.lr.*train\.epochs"):
+        train(
+            _config(),
+            run,
+            data=tiny_data,
+            progress=False,
+            resume=True,
+            resume_overrides=["train.epochs=3", "optim.lr=0.1"],
+        )
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        train(
+            _config(),
+            run,
+            data=tiny_data,
+            progress=False,
+            resume=True,
+            resume_overrides=["train.epochs=1"],
+        )
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_resuming_a_complete_run_trains_nothing(tmp_path: Path, tiny_data: TrainingData) -> None:
+    run = tmp_path / "run"
+    first = train(_config(train={"epochs": 2}), run, data=tiny_data, progress=False)
+    again = train(_config(), run, data=tiny_data, progress=False, resume=True)
+    assert again.already_complete and not first.already_complete
+    assert again.history == [] and again.epochs_run == 2
+    assert again.best_epoch == first.best_epoch
+    assert again.best_val_mae == pytest.approx(first.best_val_mae)
+    assert len(_rows(run)) == 2
+
+
+def test_a_tiny_validation_split_is_reported(tmp_path: Path, tiny_data: TrainingData) -> None:
+    few = replace(tiny_data, natural_val=_image_set(3, 1, labelled_share=0.67))
+    with pytest.warns(TrainingWarning, match=r"validation holds 2 labelled images.*val_fraction"):
+        train(_config(train={"epochs": 1}), tmp_path / "few", data=few, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingWarning)
+        train(_config(train={"epochs": 1}), tmp_path / "enough", data=tiny_data, progress=False)
+
+
+def test_best_checkpoint_holds_only_what_evaluation_and_transfer_need(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    run = tmp_path / "run"
+    train(_config(train={"epochs": 1}), run, data=tiny_data, progress=False)
+    best = torch.load(run / "best.pt", weights_only=True)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert best.get("optimizer") is None and best.get("scheduler") is None
+    assert last["optimizer"] is not None and last["scheduler"] is not None
+    assert "scaler" not in best["trainer"] and best["trainer"]["best_mae"] > 0
+    assert (run / "best.pt").stat().st_size < (run / "last.pt").stat().st_size
+    for name, tensor in best["model"].items():
+        assert torch.equal(tensor, last["model"][name])
+    # transfer (and with it evaluation and export, which read the same fields) starts from it
+    config = _config(train={"epochs": 1}, transfer={"from_checkpoint": str(run / "best.pt")})
+    train(config, tmp_path / "transfer", data=tiny_data, progress=False)
+
+
+def test_checkpoints_record_the_runtime_and_resume_says_what_differs(
+    tmp_path: Path, tiny_data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    undo = _kill_in_epoch(monkeypatch, 2 * 3 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(train={"precision": "fp32"}), run, data=tiny_data, progress=False)
+    undo()
+    payload = torch.load(run / "last.pt", weights_only=True)
+    recorded = payload["runtime"]
+    assert recorded["precision"] == "fp32" and recorded["device"] == "cpu"
+    assert recorded["threads"] == str(torch.get_num_threads())
+    assert {"cpu_capability", "cpu_kernels", "step", "torch"} <= recorded.keys()
+    assert payload["runtime"] == torch.load(run / "best.pt", weights_only=True)["runtime"]
+    payload["runtime"] = {**recorded, "precision": "bf16", "cpu_kernels": "off"}
+    torch.save(payload, run / "last.pt")
+    with pytest.warns(TrainingWarning, match=r"precision bf16 -> fp32.*cpu_kernels off ->"):
+        train(_config(), run, data=tiny_data, progress=False, resume=True)
+
+
+def test_progress_is_reported_through_twinvae_progress(
+    tmp_path: Path, tiny_data: TrainingData
+) -> None:
+    from contextlib import contextmanager
+
+    from twinvae.progress import use_display
+
+    seen: dict[str, Any] = {"descriptions": [], "steps": 0}
+
+    class Recorder:
+        def advance(self, steps: int = 1) -> None:
+            seen["steps"] += steps
+
+        def describe(self, description: str) -> None:
+            seen["descriptions"].append(description)
+
+    @contextmanager
+    def display(description: str, total: int | None) -> Iterator[Recorder]:
+        seen["total"] = total
+        yield Recorder()
+
+    with use_display(display):
+        train(_config(), tmp_path / "run", data=tiny_data)
+    assert seen["total"] == seen["steps"] == 3 * 3
+    assert seen["descriptions"] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+
+
+def test_the_training_package_does_not_import_the_cli() -> None:
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                names.add(node.module)
+        return names
+
+    package = Path(trainer_module.__file__).parent
+    offenders = [
+        path.name
+        for path in [*package.glob("*.py"), Path(predict_module.__file__)]
+        if any(name.startswith("twinvae.cli") for name in imported(path))
+    ]
+    assert offenders == []

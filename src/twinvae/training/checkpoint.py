@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +17,28 @@ from twinvae.models.twin_vae import TwinVAE
 CHECKPOINT_FORMAT = "twinvae-checkpoint/1"
 
 
+# trainer_state entries only a resume reads (best.pt leaves them out)
+RESUME_ONLY_TRAINER_STATE = ("scaler",)
+
+
 @dataclass
 class Checkpoint:
-    """What a checkpoint holds; every field is plain data or tensors (loadable weights_only)."""
+    """What a checkpoint holds; every field is plain data or tensors (loadable weights_only).
+
+    No RNG state: every epoch reseeds from the run's seed (`trainer.epoch_seed`), so a resume
+    needs none. ``runtime`` records how the run computed (`runtime_record.describe_runtime`);
+    ``working_dir`` is where it started, which relative data paths of its config refer to.
+    """
 
     config: ExperimentConfig
     model_state: dict[str, torch.Tensor]
     epoch: int = 0
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
-    rng_state: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     trainer_state: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -38,10 +48,27 @@ class Checkpoint:
             "model": self.model_state,
             "optimizer": self.optimizer_state,
             "scheduler": self.scheduler_state,
-            "rng": self.rng_state,
             "metrics": self.metrics,
             "trainer": self.trainer_state,
+            "runtime": self.runtime,
+            "working_dir": self.working_dir,
         }
+
+    def for_inference(self) -> Checkpoint:
+        """This checkpoint without what only a resume needs (optimizer, scheduler and scaler
+        state, the working directory): what best.pt holds for evaluation, export, transfer."""
+        trainer_state = {
+            key: value
+            for key, value in self.trainer_state.items()
+            if key not in RESUME_ONLY_TRAINER_STATE
+        }
+        return replace(
+            self,
+            optimizer_state=None,
+            scheduler_state=None,
+            trainer_state=trainer_state,
+            working_dir=None,
+        )
 
 
 def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
@@ -79,9 +106,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         epoch=int(payload["epoch"]),
         optimizer_state=payload.get("optimizer"),
         scheduler_state=payload.get("scheduler"),
-        rng_state=payload.get("rng"),
         metrics=dict(payload.get("metrics") or {}),
         trainer_state=dict(payload.get("trainer") or {}),
+        runtime={str(k): str(v) for k, v in (payload.get("runtime") or {}).items()},
+        working_dir=payload.get("working_dir"),
     )
 
 

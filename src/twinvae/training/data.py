@@ -25,6 +25,29 @@ class TrainingData:
     synthetic_background: np.ndarray | None = None
 
 
+def with_paths_from(data: DataConfig, base: Path) -> DataConfig:
+    """``data`` with its relative paths (images, synthetic set, cache, background file) made
+    absolute against ``base``, the folder the run started in: a resume from elsewhere then
+    reads the same files."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or Path(value).expanduser().is_absolute():
+            return value
+        return str(base / value)
+
+    background = data.synthetic_background
+    return data.model_copy(
+        update={
+            "natural": absolute(data.natural),
+            "synthetic": absolute(data.synthetic),
+            "cache_dir": absolute(data.cache_dir),
+            "synthetic_background": (
+                background if background in ("flat", "natural-mean") else absolute(background)
+            ),
+        }
+    )
+
+
 def synth_config(data: DataConfig, style: str = "synthetic") -> SynthConfig:
     """The generator config of this run (modality defaults + user overrides)."""
     overrides = {**data.synthetic_generator, "style": style}
@@ -61,10 +84,16 @@ def load_natural(data: DataConfig, seed: int) -> ImageSet:
 
 def prepare_data(data: DataConfig, seed: int) -> TrainingData:
     """Load natural images, cut validation by chamber, and set up the synthetic source."""
-    from twinvae.data.splits import split_by_chamber
+    from twinvae.data.readers import detect_layout
+    from twinvae.data.splits import GroupBy, choose_group_by, split_by_chamber
 
     natural = load_natural(data, seed)
-    group_by = data.split_by if data.natural is not None else "file"
+    group_by: GroupBy = "file"  # generated natural images have no chambers
+    if data.natural is not None:
+        generic = detect_layout(Path(data.natural)) == "folder"
+        group_by = choose_group_by(
+            natural.names, data.split_by, generic_folder=generic, source=data.natural
+        )
     train, val = split_by_chamber(
         natural, val_fraction=data.val_fraction, seed=data.split_seed, group_by=group_by
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from twinvae.config import ExperimentConfig, TransferConfig
-from twinvae.errors import ConfigError
 from twinvae.training.checkpoint import load_checkpoint
+from twinvae.training.run_dir import RunDirectory, is_writer_process
 from twinvae.training.trainer import TrainResult, train
 
 
@@ -30,23 +30,23 @@ def transfer_config(
 def run_transfer(
     config: ExperimentConfig, source: str | Path, run_dir: Path, *, progress: bool = True
 ) -> list[TrainResult]:
-    """One transfer; with ``transfer.second_stage`` a second one from the first one's best."""
+    """One transfer; with ``transfer.second_stage`` a second one from the first one's best,
+    in ``run_dir``/leg1 and leg2 (``run_dir`` stays locked for both)."""
     first = transfer_config(config, source)
     assert first.transfer is not None
     second = first.transfer.second_stage
     if second is None:
         return [train(first, run_dir, progress=progress)]
-    first_dir, second_dir = run_dir / "leg1", run_dir / "leg2"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir}: run folder exists and is not empty; choose another --out")
-    results = [train(first, first_dir, progress=progress)]
-    second_config = first.model_copy(
-        update={
-            "data": second.data,
-            "train": first.train.model_copy(update={"epochs": second.epochs}),
-            "transfer": TransferConfig(strategy=second.strategy),
-        }
-    )
-    second_config = transfer_config(second_config, first_dir / "best.pt")
-    results.append(train(second_config, second_dir, progress=progress))
+    with RunDirectory.new(Path(run_dir), writer=is_writer_process()) as folder:
+        first_dir, second_dir = folder.path / "leg1", folder.path / "leg2"
+        results = [train(first, first_dir, progress=progress)]
+        second_config = first.model_copy(
+            update={
+                "data": second.data,
+                "train": first.train.model_copy(update={"epochs": second.epochs}),
+                "transfer": TransferConfig(strategy=second.strategy),
+            }
+        )
+        second_config = transfer_config(second_config, first_dir / "best.pt")
+        results.append(train(second_config, second_dir, progress=progress))
     return results

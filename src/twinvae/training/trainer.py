@@ -1,61 +1,70 @@
-"""The Twin-VAE training loop: run folder, metrics.csv, atomic checkpoints, exact resume."""
+"""The Twin-VAE training loop: a short loop over parts with one job each.
+
+- the run folder (`run_dir.RunDirectory`): lock, config.yaml, checkpoints, clean-up;
+- the metrics log (`metrics_log.MetricsLog`): metrics.csv;
+- the step strategy (`steps`): forward and backward of one step (plain/AMP, DDP, threaded CPU);
+- callbacks (`callbacks`): progress and whatever else a caller wants to hear about.
+
+`train` is the usual entry point: it opens the run folder (new or resumed) for the whole run.
+"""
 
 from __future__ import annotations
 
-import csv
 import math
-import random
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from twinvae.config import ExperimentConfig, LossConfig, OptimConfig
-from twinvae.errors import CheckpointError, ConfigError, TwinVAEError
+from twinvae.accel import accelerate
+from twinvae.config import ExperimentConfig, OptimConfig, apply_overrides, config_from_dict
+from twinvae.errors import ConfigError
 from twinvae.evaluation.metrics import count_metrics
-from twinvae.models.domain_pass import RunningUpdate, apply_running_updates, independent_pass
-from twinvae.models.twin_vae import DomainName, TwinVAE
-from twinvae.training.augment import augment_batch, dihedral_views
-from twinvae.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from twinvae.evaluation.predict import predict_counts
+from twinvae.models.twin_vae import TwinVAE
+from twinvae.training.augment import augment_batch
+from twinvae.training.callbacks import Callbacks, ProgressBar, TrainingCallback
+from twinvae.training.checkpoint import Checkpoint, load_checkpoint
 from twinvae.training.data import (
     NaturalSampler,
     SyntheticSource,
     TrainingData,
     prepare_data,
     to_tensor,
+    with_paths_from,
 )
-from twinvae.training.device import Runtime, setup_runtime, teardown_runtime
-from twinvae.training.losses import DomainLoss, twin_domain_loss
+from twinvae.training.device import setup_runtime, teardown_runtime
+from twinvae.training.errors import TrainingDivergedError, TrainingWarning
+from twinvae.training.metrics_log import METRIC_COLUMNS, MetricsLog
+from twinvae.training.run_dir import RunDirectory, is_writer_process
+from twinvae.training.runtime_record import describe_runtime, runtime_differences
+from twinvae.training.steps import DomainBatch, DomainPasses, make_step
 from twinvae.training.transfer import apply_trainable, trainable_groups
 
-METRIC_COLUMNS = [
-    "epoch",
-    "loss",
-    "natural_rec",
-    "natural_reg",
-    "natural_kl",
-    "synthetic_rec",
-    "synthetic_reg",
-    "synthetic_kl",
-    "val_mae",
-    "val_mre",
-    "val_accuracy",
-    "synthetic_val_mae",
-    "lr",
-    "trainable",
-    "seconds",
-    "images_per_second",
+__all__ = [
+    "METRIC_COLUMNS",
+    "RESUME_OVERRIDES",
+    "TrainResult",
+    "Trainer",
+    "TrainingDivergedError",
+    "TrainingWarning",
+    "predict_counts",  # moved to twinvae.evaluation.predict; kept here for older imports
+    "resumed_config",
+    "train",
 ]
 
+# the config values a resume may change: how long the run goes on, nothing about how it trains
+RESUME_OVERRIDES = ("train.epochs", "train.early_stopping_patience")
 
-class TrainingDivergedError(TwinVAEError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
+# fewer labelled validation images than this make "best epoch" mostly a matter of chance
+MIN_VALIDATION_IMAGES = 10
 
 
 @dataclass
@@ -66,6 +75,7 @@ class TrainResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    already_complete: bool = False  # a resume found nothing left to train
 
     @property
     def best_checkpoint(self) -> Path:
@@ -76,149 +86,13 @@ class TrainResult:
         return self.run_dir / "last.pt"
 
 
-DomainBatch = tuple[DomainName, torch.Tensor, torch.Tensor]  # domain, images, counts
-
-
-def domain_loss(
-    model: TwinVAE,
-    loss_config: LossConfig,
-    batch: DomainBatch,
-    rec_weight: float,
-    regressor_on: bool,
-) -> DomainLoss:
-    """One domain's forward pass and twin loss (decoding only when a loss uses it)."""
-    domain, images, counts = batch
-    decode = rec_weight > 0 and not loss_config.decoder_off
-    output = model(images, domain, sample=True, decode=decode)
-    return twin_domain_loss(
-        output,
-        images,
-        counts,
-        loss_config,
-        rec_weight=rec_weight if decode else 0.0,
-        regressor_on=regressor_on,
-    )
-
-
-def summed_losses(
-    batches: list[DomainBatch], losses: list[DomainLoss]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total loss and the unweighted terms by name (``natural_rec``, ...)."""
-    total = sum((loss.total for loss in losses[1:]), start=losses[0].total)
-    terms: dict[str, torch.Tensor] = {}
-    for (domain, _, _), loss in zip(batches, losses, strict=True):
-        terms[f"{domain}_rec"], terms[f"{domain}_reg"] = loss.rec, loss.reg
-        terms[f"{domain}_kl"] = loss.kl
-    return total, terms
-
-
-class TwinStep(nn.Module):
-    """Both domains' forward passes and losses in one call (one forward per backward, for DDP)."""
-
-    def __init__(self, model: TwinVAE, config: ExperimentConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_config = config.loss
-
-    def forward(
-        self, batches: list[DomainBatch], rec_weight: float, regressor_on: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The total loss and its unweighted terms (detached)."""
-        losses = [
-            domain_loss(self.model, self.loss_config, batch, rec_weight, regressor_on)
-            for batch in batches
-        ]
-        return summed_losses(batches, losses)
-
-
-class DomainPasses:
-    """The training step of a one-process CPU run: each domain's forward and backward pass as
-    an `independent_pass`, on two threads side by side when ``threads`` is given, else one
-    after the other. Either way the passes draw from their own generators, seeded in order from
-    torch's global one, and their batch-norm statistics are applied in domain order, so the
-    numbers do not depend on the threads' timing (without threads they are the same up to the
-    rounding of oneDNN, which depends on its thread count).
-
-    Side by side is faster on the CPU: oneDNN's kernels gain only 1.6 - 1.9x from a second
-    thread, so two passes at half the threads each keep the cores busier
-    (benchmarks/README.md). The domains share parameters only as leaves, whose gradients
-    autograd adds under a lock (a + b, the same in either order).
-    """
-
-    def __init__(
-        self,
-        model: TwinVAE,
-        config: ExperimentConfig,
-        runtime: Runtime,
-        threads: ThreadPoolExecutor | None,
-    ) -> None:
-        self.model = model
-        self.loss_config = config.loss
-        self.runtime = runtime
-        self.threads = threads
-
-    def run(
-        self, batches: list[DomainBatch], rec_weight: float, regressor_on: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of every batch; returns the total loss and its terms."""
-        seeds = [int(seed) for seed in torch.randint(0, 2**62, (len(batches),))]
-        jobs = [
-            (batch, seed, rec_weight, regressor_on)
-            for batch, seed in zip(batches, seeds, strict=True)
-        ]
-        if self.threads is not None and len(jobs) == 2:
-            running = [self.threads.submit(self._pass, *job) for job in jobs]
-            wait(running)  # both finish before anything (an error included) goes on
-            results = [future.result() for future in running]
-        else:
-            results = [self._pass(*job) for job in jobs]
-        for _, updates in results:
-            apply_running_updates(updates)
-        losses = [loss for loss, _ in results]
-        total, terms = summed_losses(batches, losses)
-        return total.detach(), terms
-
-    def _pass(
-        self, batch: DomainBatch, seed: int, rec_weight: float, regressor_on: bool
-    ) -> tuple[DomainLoss, list[RunningUpdate]]:
-        generator = torch.Generator().manual_seed(seed)
-        with self.runtime.autocast(), independent_pass(generator) as updates:
-            loss = domain_loss(self.model, self.loss_config, batch, rec_weight, regressor_on)
-        # a domain whose layers are all frozen (a thaw stage) has nothing to back-propagate
-        if loss.total.requires_grad:
-            loss.total.backward()
-        return loss, updates
-
-
-def domain_threads(
-    runtime: Runtime, config: ExperimentConfig, two_domains: bool
-) -> ThreadPoolExecutor | None:
-    """Two threads with half the torch threads each for `DomainPasses`, or None where they
-    do not apply (``train.parallel_domains`` off, one domain, fewer than two threads)."""
-    threads = torch.get_num_threads()
-    if not (config.train.parallel_domains and two_domains and threads >= 2):
-        return None
-    return ThreadPoolExecutor(
-        2,
-        thread_name_prefix="twinvae-domain",
-        initializer=torch.set_num_threads,  # per OS thread; the main thread keeps its count
-        initargs=(threads // 2,),
-    )
-
-
-def uses_domain_passes(runtime: Runtime) -> bool:
-    """Whether a run trains with `DomainPasses`: on the CPU, in one process. DDP needs one
-    forward per backward (`TwinStep`); on CUDA dropout draws from the device's generator."""
-    return runtime.device.type == "cpu" and not runtime.distributed and runtime.precision != "fp16"
-
-
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """All parameters go to the optimiser; frozen ones (no grad) are simply skipped by it."""
     options: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "radam":
         return torch.optim.RAdam(model.parameters(), **options)
-    # fused Adam(W): one kernel over all tensors, 3x faster per step on the CPU; the same update
-    # up to float rounding (RAdam has no fused kernel)
+    # fused Adam(W): one kernel over all tensors, much faster per step on the CPU; the same
+    # update up to float rounding (RAdam has no fused kernel)
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return kind(model.parameters(), fused=True, **options)
 
@@ -245,78 +119,112 @@ def make_scheduler(
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> int:
-    """Every epoch draws from its own seed, so a resumed run replays it exactly."""
+    """Every epoch draws from its own seed, so a resumed run replays it exactly (and no
+    checkpoint needs to keep an RNG state)."""
     return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
 
 
-def _rng_snapshot() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.asarray(cast(tuple[Any, ...], np.random.get_state())[1]).tolist(),
-        "python": list(random.getstate()[1]),
-    }
+def resumed_config(checkpoint: Checkpoint, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config a resume continues with: the run's own, with only `RESUME_OVERRIDES`
+    changed (``key=value`` as for ``--set``)."""
+    saved = checkpoint.config
+    if not overrides:
+        return saved
+    refused = [item for item in overrides if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+    if refused:
+        raise ConfigError(
+            f"--set {', '.join(refused)}: a resumed run keeps its config; on --resume only "
+            f"{' and '.join(RESUME_OVERRIDES)} can change. To train with other settings, start "
+            "a new run (or a transfer from RUN/last.pt)"
+        )
+    data = apply_overrides(saved.model_dump(mode="json"), list(overrides))
+    config = config_from_dict(data, origin="--set on --resume")
+    done = checkpoint.epoch + 1
+    if config.train.epochs < done:
+        raise ConfigError(
+            f"--set train.epochs={config.train.epochs}: the run has already trained {done} "
+            f"epoch{'s' if done != 1 else ''}; give at least {done}"
+        )
+    return config
 
 
-@torch.no_grad()
-def predict_counts(
-    model: TwinVAE,
-    images: np.ndarray,
-    runtime: Runtime,
-    *,
-    domain: str = "natural",
-    batch_size: int = 256,
-    tta: bool = False,
-    channels_last: bool = False,
-) -> np.ndarray:
-    """Deterministic counts (mu, eval mode) for uint8 (N, H, W) images."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = to_tensor(images[start : start + batch_size], runtime.device, channels_last)
-        views = dihedral_views(batch) if tta else [batch]
-        with runtime.autocast():
-            counts = torch.stack([model.count(v, domain).float() for v in views]).mean(0)  # type: ignore[arg-type]
-        out.append(counts.cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+def run_is_complete(checkpoint: Checkpoint, config: ExperimentConfig) -> bool:
+    """After the last epoch, or when early stopping ended the run (under ``config``)."""
+    if checkpoint.epoch + 1 >= config.train.epochs:
+        return True
+    patience = config.train.early_stopping_patience
+    waited = int(checkpoint.trainer_state.get("epochs_since_best", 0))
+    return patience is not None and waited >= patience
 
 
 class Trainer:
-    """Trains one Twin-VAE run in ``run_dir``; see `train` for the usual entry point."""
+    """Trains one Twin-VAE run; see `train` for the usual entry point.
+
+    ``run_dir`` is an open `RunDirectory`, or a path: then the trainer opens it as a new run
+    and closes it when `fit` ends (or at `close`). ``resume_from`` is the run's last.pt, with
+    ``config`` the config to continue with (`resumed_config`).
+    """
 
     def __init__(
         self,
         config: ExperimentConfig,
-        run_dir: Path,
+        run_dir: Path | RunDirectory,
         *,
-        resume: bool = False,
+        resume_from: Checkpoint | None = None,
         progress: bool = True,
         data: TrainingData | None = None,
+        callbacks: Sequence[TrainingCallback] = (),
     ) -> None:
-        self.run_dir = Path(run_dir)
-        self.progress = progress
+        self._owns_run = not isinstance(run_dir, RunDirectory)
+        if isinstance(run_dir, RunDirectory):
+            self.run = run_dir
+        elif resume_from is not None:
+            self.run = RunDirectory.resume(Path(run_dir), writer=is_writer_process())
+        else:
+            self.run = RunDirectory.new(Path(run_dir), writer=is_writer_process())
+        try:
+            self._build(config, resume_from, progress, data, callbacks)
+        except BaseException:
+            self._close_run(failed=True)
+            raise
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _build(
+        self,
+        config: ExperimentConfig,
+        resume_from: Checkpoint | None,
+        progress: bool,
+        data: TrainingData | None,
+        callbacks: Sequence[TrainingCallback],
+    ) -> None:
         self.start_epoch = 0
         self.best_mae = math.inf
         self.best_epoch = -1
         self.epochs_since_best = 0
-        resume_from: Checkpoint | None = None
-        if resume:
-            resume_from = load_checkpoint(self.run_dir / "last.pt")
-            config = resume_from.config
-        else:
-            _prepare_run_dir(self.run_dir)
         self.config = config
         self.runtime = setup_runtime(config.train)
+        self.metrics = MetricsLog(self.run.metrics_path)
+        # relative data paths refer to where the run started (a resume may run elsewhere)
+        self.working_dir = os.getcwd()
+        data_config = config.data
+        if resume_from is not None:
+            self.working_dir = resume_from.working_dir or self.working_dir
+            data_config = with_paths_from(config.data, Path(self.working_dir))
         torch.manual_seed(config.train.seed)
         self.model = TwinVAE(config.model)
-        self.model.fast_kernels = True  # same function, faster training (see twin_vae.py)
+        accelerate(self.model, self.runtime.device)  # same function, faster (twinvae.accel)
         if config.transfer is not None and config.transfer.from_checkpoint and resume_from is None:
             self._load_transfer_source(config.transfer.from_checkpoint)
         self.model.to(self.runtime.device)
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.data = data if data is not None else prepare_data(config.data, config.train.seed)
+        self.data = data if data is not None else prepare_data(data_config, config.train.seed)
+        self._check_validation_size()
         self.sampler = NaturalSampler(self.data.natural_train, config.data.labelled_fraction)
         if resume_from is None and (config.transfer is None or not config.transfer.from_checkpoint):
             self.model.regressor.start_at(_mean_label(self.data))
@@ -341,17 +249,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.precision == "fp16")
         self._trainable: set[str] | None = None
         self._frozen_modules: list[nn.Module] = []
-        self.step_module: nn.Module = TwinStep(self.model, config)
-        self.domain_passes: DomainPasses | None = None
-        if uses_domain_passes(self.runtime):
-            threads = domain_threads(self.runtime, config, self.synthetic is not None)
-            self.domain_passes = DomainPasses(self.model, config, self.runtime, threads)
+        self.step = make_step(
+            self.model, config, self.runtime, self.scaler, self.synthetic is not None
+        )
+        self.runtime_record = describe_runtime(self.runtime, self.model, self.step.description)
+        main = [ProgressBar()] if progress and self.runtime.is_main else []
+        self.callbacks = Callbacks([*main, *callbacks])
         if resume_from is not None:
             self._restore(resume_from)
         elif self.runtime.is_main:
-            config.save(self.run_dir / "config.yaml")
+            self.run.write_config(config)
 
-    # ---- set-up helpers -------------------------------------------------------------------
+    @property
+    def domain_passes(self) -> DomainPasses | None:
+        """The step strategy when it is the CPU's `DomainPasses` (else None)."""
+        return self.step if isinstance(self.step, DomainPasses) else None
 
     def _load_transfer_source(self, source: str) -> None:
         checkpoint = load_checkpoint(source)
@@ -364,6 +276,22 @@ class Trainer:
             for module in self.model.regressor.modules():
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
+
+    def _check_validation_size(self) -> None:
+        """Warn when the validation split is too small to tell a best epoch from chance."""
+        labelled = int(self.data.natural_val.labelled.sum())
+        if labelled >= MIN_VALIDATION_IMAGES or not self.runtime.is_main:
+            return
+        total = labelled + int(self.data.natural_train.labelled.sum())
+        warnings.warn(
+            TrainingWarning(
+                f"validation holds {labelled} labelled images (of {total} labelled): best.pt is "
+                "chosen on their MAE, which is mostly chance with so few. For a checkpoint "
+                f"chosen on more images raise data.val_fraction (now "
+                f"{self.config.data.val_fraction:g}), or use last.pt instead of best.pt"
+            ),
+            stacklevel=2,
+        )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model_state)
@@ -378,7 +306,46 @@ class Trainer:
         self.epochs_since_best = int(state.get("epochs_since_best", 0))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _truncate_metrics(self.run_dir / "metrics.csv", checkpoint.epoch)
+        if not self.runtime.is_main:
+            return
+        self.metrics.keep_epochs(checkpoint.epoch + 1)
+        if self.config != checkpoint.config:  # resumed with more epochs (or patience)
+            self.run.write_config(self.config)
+            self._warn_if_stretched(checkpoint.config)
+        differences = runtime_differences(checkpoint.runtime, self.runtime_record)
+        if differences:
+            warnings.warn(
+                TrainingWarning(
+                    f"{self.run_dir}: resumed on another runtime than it trained on: "
+                    f"{'; '.join(differences)}. The remaining epochs will not repeat the numbers "
+                    "of an uninterrupted run"
+                ),
+                stacklevel=2,
+            )
+
+    def _warn_if_stretched(self, trained: ExperimentConfig) -> None:
+        """More epochs on resume spread epoch-dependent plans over the new length."""
+        before, after = trained.train.epochs, self.config.train.epochs
+        stretched = [
+            name
+            for name, applies in (
+                ("the learning-rate schedule", self.config.optim.schedule != "constant"),
+                (
+                    "the thaw stages",
+                    self.config.transfer is not None and self.config.transfer.strategy == "thaw",
+                ),
+            )
+            if applies
+        ]
+        if before != after and stretched:
+            warnings.warn(
+                TrainingWarning(
+                    f"{self.run_dir}: train.epochs {before} -> {after} spreads "
+                    f"{' and '.join(stretched)} over {after} epochs from here on; the run will "
+                    f"not equal one trained for {after} epochs from the start"
+                ),
+                stacklevel=2,
+            )
 
     def _set_trainable(self, epoch: int) -> None:
         groups = trainable_groups(self.config.transfer, epoch, self.config.train.epochs)
@@ -386,51 +353,52 @@ class Trainer:
             return
         self._frozen_modules = apply_trainable(self.model, groups)
         self._trainable = groups
-        base = TwinStep(self.model, self.config)
-        if self.runtime.distributed:
-            # re-wrapped whenever the trainable parameters change (DDP fixes them at wrap time)
-            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            self.step_module = DistributedDataParallel(
-                base, device_ids=device_ids, find_unused_parameters=True
-            )
-        else:
-            self.step_module = base
+        self.step.trainable_changed()
 
     def stop_domain_threads(self) -> None:
-        """End the domain threads (`fit` does at its end); later steps run the passes in turn
-        (the same numbers up to oneDNN's rounding, which depends on its thread count)."""
-        if self.domain_passes is not None and self.domain_passes.threads is not None:
-            self.domain_passes.threads.shutdown()
-            self.domain_passes.threads = None
+        """End the step's threads (`close` does); later steps run the domain passes in turn."""
+        self.step.close()
+
+    def close(self, *, failed: bool = False) -> None:
+        """End the step's threads and the runtime; release the run folder if this trainer
+        opened it. `fit` closes at its end."""
+        try:
+            self.stop_domain_threads()
+            teardown_runtime(self.runtime)
+        finally:
+            self._close_run(failed=failed)
+
+    def _close_run(self, *, failed: bool) -> None:
+        if self._owns_run:
+            self.run.close(failed=failed)
 
     # ---- training -------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        from twinvae.cli.common import make_progress
-
         cfg = self.config
         history: list[dict[str, Any]] = []
         stopped_early = False
         epoch = self.start_epoch - 1
         try:
-            with make_progress(self.progress and self.runtime.is_main) as bar:
-                task = bar.add_task(
-                    "training", total=(cfg.train.epochs - self.start_epoch) * self.steps_per_epoch
-                )
-                for epoch in range(self.start_epoch, cfg.train.epochs):
-                    bar.update(task, description=f"epoch {epoch + 1}/{cfg.train.epochs}")
-                    row = self._train_epoch(epoch, lambda: bar.advance(task))
-                    row.update(self._validate(epoch))
-                    history.append(row)
-                    improved = self._track_best(row)
-                    self._save(epoch, row, improved)
-                    patience = cfg.train.early_stopping_patience
-                    if patience is not None and self.epochs_since_best >= patience:
-                        stopped_early = True
-                        break
-        finally:
-            self.stop_domain_threads()
-            teardown_runtime(self.runtime)
+            self.callbacks.on_fit_start(self.start_epoch, cfg.train.epochs, self.steps_per_epoch)
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                self.callbacks.on_epoch_start(epoch, cfg.train.epochs)
+                row = self._train_epoch(epoch, self.callbacks.on_step)
+                row.update(self._validate(epoch))
+                history.append(row)
+                improved = self._track_best(row)
+                self._save(epoch, row, improved)
+                self.callbacks.on_epoch_end(row)
+                patience = cfg.train.early_stopping_patience
+                if patience is not None and self.epochs_since_best >= patience:
+                    stopped_early = True
+                    break
+        except BaseException:
+            self.callbacks.on_fit_end()
+            self.close(failed=True)
+            raise
+        self.callbacks.on_fit_end()
+        self.close()
         return TrainResult(
             run_dir=self.run_dir,
             best_val_mae=self.best_mae,
@@ -480,26 +448,20 @@ class Trainer:
                 )
                 batches.append(("synthetic", synthetic, synthetic_counts))
             self.optimizer.zero_grad(set_to_none=True)
-            if self.domain_passes is not None:
-                loss, terms = self.domain_passes.run(batches, rec_weight, regressor_on)
-            else:
-                with runtime.autocast():
-                    loss, terms = self.step_module(batches, rec_weight, regressor_on)
+            loss, terms = self.step.forward_backward(batches, rec_weight, regressor_on)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept in {self.run_dir / 'last.pt'}. "
+                    f"{self._kept_checkpoint()} "
                     "Try a lower optim.lr, optim.grad_clip or train.precision=fp32."
                 )
-            if self.domain_passes is None:
-                self.scaler.scale(loss).backward()
             if cfg.optim.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             images_seen += sum(len(images) for _, images, _ in batches)
@@ -515,6 +477,11 @@ class Trainer:
             images_per_second=round(images_seen * runtime.world_size / seconds, 1),
         )
         return row
+
+    def _kept_checkpoint(self) -> str:
+        if self.run.last_checkpoint.exists():
+            return f"The last good checkpoint is kept in {self.run.last_checkpoint}."
+        return "No epoch had finished, so there is no checkpoint to keep."
 
     def _validate(self, epoch: int) -> dict[str, Any]:
         cfg = self.config
@@ -554,7 +521,7 @@ class Trainer:
     def _save(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
         if not self.runtime.is_main:
             return
-        _append_metrics(self.run_dir / "metrics.csv", row)
+        self.metrics.append(row)
         metrics = {k: float(v) for k, v in row.items() if isinstance(v, int | float)}
         checkpoint = Checkpoint(
             config=self.config,
@@ -562,7 +529,6 @@ class Trainer:
             epoch=epoch,
             optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(),
-            rng_state=_rng_snapshot(),
             metrics=metrics,
             trainer_state={
                 "best_mae": self.best_mae,
@@ -570,10 +536,10 @@ class Trainer:
                 "epochs_since_best": self.epochs_since_best,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             },
+            runtime=self.runtime_record,
+            working_dir=self.working_dir,
         )
-        save_checkpoint(checkpoint, self.run_dir / "last.pt")
-        if improved:
-            save_checkpoint(checkpoint, self.run_dir / "best.pt")
+        self.run.save_checkpoints(checkpoint, best=improved)
 
 
 def _mean_label(data: TrainingData) -> float:
@@ -583,45 +549,53 @@ def _mean_label(data: TrainingData) -> float:
     return float(counts.mean()) if counts.size else 0.0
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"{run_dir}: run folder exists and is not empty; use --resume to continue it "
-            "or choose another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRIC_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
-
-
-def _truncate_metrics(path: Path, last_epoch_index: int) -> None:
-    """Drop rows written after the checkpoint a run resumes from (epochs are 1-based in the CSV)."""
-    if not path.exists():
-        return
-    with path.open(newline="", encoding="utf-8") as stream:
-        rows = [r for r in csv.DictReader(stream) if int(r["epoch"]) <= last_epoch_index + 1]
-    with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def _complete_result(
+    run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig
+) -> TrainResult:
+    state = checkpoint.trainer_state
+    epochs_run = checkpoint.epoch + 1
+    return TrainResult(
+        run_dir=run.path,
+        best_val_mae=float(state.get("best_mae", math.inf)),
+        best_epoch=int(state.get("best_epoch", -1)),
+        epochs_run=epochs_run,
+        stopped_early=epochs_run < config.train.epochs,
+        already_complete=True,
+    )
 
 
 def train(
-    config: ExperimentConfig,
+    config: ExperimentConfig | None,
     run_dir: Path,
     *,
     resume: bool = False,
+    resume_overrides: Sequence[str] = (),
     progress: bool = True,
     data: TrainingData | None = None,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> TrainResult:
-    """Train (or resume) a run; writes config.yaml, metrics.csv, last.pt and best.pt."""
-    if resume and not (Path(run_dir) / "last.pt").is_file():
-        raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt)")
-    return Trainer(config, run_dir, resume=resume, progress=progress, data=data).fit()
+    """Train a new run in ``run_dir`` (config.yaml, metrics.csv, last.pt, best.pt), or resume
+    it from its last.pt: then the run's own config is used (``config`` is ignored), changed
+    only by ``resume_overrides`` (`RESUME_OVERRIDES`); a complete run trains nothing and comes
+    back with ``already_complete``. The folder stays locked until the run ends."""
+    writer = is_writer_process()
+    if not resume:
+        if config is None:
+            raise ConfigError("a new run needs a config")
+        with RunDirectory.new(Path(run_dir), writer=writer) as run:
+            trainer = Trainer(config, run, progress=progress, data=data, callbacks=callbacks)
+            return trainer.fit()
+    with RunDirectory.resume(Path(run_dir), writer=writer) as run:
+        checkpoint = run.load_last()
+        resumed = resumed_config(checkpoint, resume_overrides)
+        if run_is_complete(checkpoint, resumed):
+            return _complete_result(run, checkpoint, resumed)
+        trainer = Trainer(
+            resumed,
+            run,
+            resume_from=checkpoint,
+            progress=progress,
+            data=data,
+            callbacks=callbacks,
+        )
+        return trainer.fit()
