@@ -26,10 +26,11 @@ from typer.testing import CliRunner
 
 from twinvae.cli.main import app
 from twinvae.config import ExperimentConfig
-from twinvae.errors import DataError, ExportError
+from twinvae.errors import DataError, ExportError, SkippedInputWarning
 from twinvae.evaluation.metrics import round_counts
 from twinvae.export import ExportOptions, export_bundle, validate_bundle
 from twinvae.export import checks as checks_module
+from twinvae.export.checks import SPREAD_MIN_FRACTION, SPREAD_MIN_STD, prediction_spread
 from twinvae.export.network import ARCHITECTURE_FILE, load_standalone_class
 from twinvae.export.predict import evaluate_bundle, predict_bundle_arrays
 from twinvae.models.twin_vae import ModelConfig, TwinVAE
@@ -309,6 +310,9 @@ def test_validate_catches_weights_changed_with_a_matching_sha256(
     assert not report.passed
     (agreement,) = [check for check in report.checks if check.name == "agreement"]
     assert not agreement.passed
+    assert "onnx differs from the torchscript" in agreement.detail  # no code run by default
+    trusted = validate_bundle(broken, core_tests=False, trust_code=True)
+    (agreement,) = [check for check in trusted.checks if check.name == "agreement"]
     assert "onnx differs from the pytorch_state_dict" in agreement.detail
 
 
@@ -316,7 +320,125 @@ def test_validate_accepts_the_exported_bundle(bundle: Path) -> None:
     report = validate_bundle(bundle, core_tests=False)
     assert report.passed, report.failure_message()
     names = [check.name for check in report.checks]
-    assert names == ["package", "files", "contract", "bioimageio format", "onnx", "agreement"]
+    assert names == [
+        "package",
+        "files",
+        "contract",
+        "bioimageio format",
+        "onnx",
+        "agreement",
+        "pytorch_state_dict weights",
+        "prediction spread",
+    ]
+    assert [check.name for check in report.skipped()] == ["pytorch_state_dict weights"]
+    (agreement,) = [check for check in report.checks if check.name == "agreement"]
+    assert "vs torchscript: onnx" in agreement.detail  # the state dict was not run
+    trusted = validate_bundle(bundle, core_tests=False, trust_code=True)
+    assert trusted.passed and not trusted.skipped(), trusted.failure_message()
+    (agreement,) = [check for check in trusted.checks if check.name == "agreement"]
+    assert "vs pytorch_state_dict: torchscript" in agreement.detail
+
+
+def _with_architecture_lines(source: Path, target: Path, lines: str) -> Path:
+    """The bundle with Python lines added to its architecture file (sha256 in rdf.yaml updated,
+    so that only running the file can tell)."""
+
+    def edit(folder: Path) -> None:
+        architecture = folder / ARCHITECTURE_FILE
+        future = "from __future__ import annotations\n"
+        architecture.write_text(architecture.read_text().replace(future, future + lines, 1))
+        rdf_path = folder / "rdf.yaml"
+        entry = yaml.safe_load(rdf_path.read_text())["weights"]["pytorch_state_dict"]
+        digest = hashlib.sha256(architecture.read_bytes()).hexdigest()
+        rdf_path.write_text(rdf_path.read_text().replace(entry["architecture"]["sha256"], digest))
+
+    return _repack(source, target, edit)
+
+
+def test_validate_runs_no_code_from_the_bundle_without_trust_code(
+    bundle: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "architecture-ran.txt"
+    payload = f"with open({str(marker)!r}, 'a') as _log:\n    _log.write('imported\\n')\n"
+    hostile = _with_architecture_lines(bundle, tmp_path / "hostile.zip", payload)
+
+    result = runner.invoke(app, ["validate", str(hostile), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert not marker.exists(), "validate ran the bundle's architecture file"
+    output = " ".join(result.output.split())
+    assert "Valid bundle" in output and "--trust-code" in output
+    assert (
+        "Not checked (see the table): pytorch_state_dict weights, bioimageio.core test "
+        "(pytorch_state_dict)" in output
+    )
+    assert "FAILED" not in output  # onnx and torchscript passed bioimage.io's own test
+
+    trusted = runner.invoke(app, ["validate", str(hostile), "--no-progress", "--trust-code"])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.exists() and "Not checked" not in trusted.output
+    assert "FAILED" not in trusted.output and "skipped" not in trusted.output
+
+
+def _constant_checkpoint(path: Path, count: float) -> Path:
+    """A checkpoint whose regressor ignores its input: `count` for every image."""
+    torch.manual_seed(0)
+    model = TwinVAE(TINY)
+    last = model.regressor[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(count)
+    checkpoint = Checkpoint(
+        config=ExperimentConfig(name="flat-pc", model=TINY),
+        model_state=model.state_dict(),
+        epoch=1,
+        metrics={"val_mae": 4.0},
+    )
+    save_checkpoint(checkpoint, path)
+    return path
+
+
+def test_prediction_spread_flags_almost_constant_counts() -> None:
+    labels = np.array([1, 5, 9, 13, 0])  # 0 = unlabelled: not part of the labels' spread
+    label_std = float(np.std([1, 5, 9, 13]))
+    counting = prediction_spread(labels + 0.3, labels)
+    assert not counting.flat and counting.label_std == pytest.approx(label_std)
+    constant = prediction_spread(np.full(5, 9.72, dtype=np.float32), labels)
+    assert constant.flat and constant.std == 0 and constant.mean == pytest.approx(9.72)
+    weak = prediction_spread(np.array([9.0, 9.1, 9.2, 9.3, 9.4]), labels)
+    assert weak.flat and weak.threshold == pytest.approx(SPREAD_MIN_FRACTION * label_std)
+    unlabelled = prediction_spread(np.array([9.0, 9.1, 9.2]))
+    assert not unlabelled.flat and unlabelled.threshold == SPREAD_MIN_STD
+    assert prediction_spread(np.array([9.0, 9.01, 9.02])).flat  # below 0.05 cells
+    assert not prediction_spread(np.array([9.72])).flat  # one image has no spread to measure
+
+
+def test_a_constant_predictor_exports_and_validates_with_a_loud_alert(tmp_path: Path) -> None:
+    checkpoint = _constant_checkpoint(tmp_path / "best.pt", 9.72)
+    out = tmp_path / "flat.zip"
+    exported = runner.invoke(
+        app,
+        ["export", str(checkpoint), "--out", str(out), "--check-images", "6", "--no-progress"],
+    )
+    assert exported.exit_code == 0, exported.output
+    assert out.is_file()  # still written
+    lines = [" ".join(line.split()) for line in exported.output.splitlines()]
+    text = " ".join(lines)
+    assert (
+        "ALERT: the model predicts (almost) the same count for every image: std 0 cells, "
+        "mean 9.72, over 6 check images" in text
+    )
+    assert "ALERT" in lines[-1] or "ALERT" in " ".join(lines[-6:])  # the last word of export
+
+    validated = runner.invoke(app, ["validate", str(out), "--no-progress"])
+    assert validated.exit_code == 0, validated.output
+    text = " ".join(validated.output.split())
+    assert (
+        "ALERT: the model predicts (almost) the same count for every image: std 0 cells, "
+        "mean 9.72, over 16 generated natural-style PC images" in text
+    )
+    report = validate_bundle(out, core_tests=False)
+    assert report.passed and len(report.alerts) == 1 and "9.72" in report.alerts[0]
 
 
 def test_export_refuses_to_overwrite(checkpoint: Path, tmp_path: Path) -> None:
@@ -361,7 +483,8 @@ def test_predict_writes_counts_csv(bundle: Path, checkpoint: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     with out.open(newline="") as stream:
         rows = list(csv.DictReader(stream))
-    assert list(rows[0]) == ["file", "count", "count_rounded"]
+    assert list(rows[0]) == ["file", "count", "count_rounded", "chamber", "frame"]
+    assert {(r["chamber"], r["frame"]) for r in rows} == {("", "")}  # not microscope export names
     assert [Path(r["file"]).name for r in rows] == ["a.png", "b.tif", "c.png", "single.png"]
     expected, _ = _pytorch_counts(checkpoint, images)
     counts = np.array([float(r["count"]) for r in rows])
@@ -378,6 +501,32 @@ def test_predict_writes_counts_csv(bundle: Path, checkpoint: Path, tmp_path: Pat
     bad = runner.invoke(app, ["predict", str(bundle), str(folder), "--out", str(bad_out)])
     assert bad.exit_code == 1 and isinstance(bad.exception, DataError)
     assert "broken.png" in str(bad.exception) and not bad_out.exists()
+
+
+def test_predict_skip_bad_leaves_unreadable_images_out(
+    bundle: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    images = _images(2, seed=4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, image in zip(["a.png", "c.png"], images, strict=True):
+        Image.fromarray(image).save(folder / name)
+    (folder / "b.png").write_bytes(b"not an image")
+    out = tmp_path / "counts.csv"
+    with pytest.warns(SkippedInputWarning) as caught:
+        result = runner.invoke(
+            app, ["predict", str(bundle), str(folder), "--out", str(out), "--skip-bad", "--cpu"]
+        )
+    assert result.exit_code == 0, result.output
+    assert "2 images, 1 skipped" in result.output
+    (message,) = [str(w.message) for w in caught if w.category is SkippedInputWarning]
+    assert "skipped 1 bad input(s) of 3 images" in message
+    assert message.count("\n  ") == 1 and "b.png" in message  # one entry: the broken file
+    with out.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [Path(row["file"]).name for row in rows] == ["a.png", "c.png"]
+    expected, _ = _pytorch_counts(checkpoint, images)
+    np.testing.assert_allclose([float(row["count"]) for row in rows], expected, atol=1e-4)
 
 
 @pytest.mark.slow

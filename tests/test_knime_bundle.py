@@ -1,7 +1,11 @@
-"""The standalone ONNX bundle runner shipped with the KNIME workflows (twinvae_bundle.py)."""
+"""The standalone bundle opener and ONNX runner (twinvae.runtime.twinvae_bundle), shipped with the
+KNIME workflows."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +17,8 @@ import tifffile
 import yaml
 from PIL import Image
 
-from twinvae.knime.scripts import twinvae_bundle as tb
 from twinvae.knime.testkit import bundle_rdf, write_mean_intensity_bundle
+from twinvae.runtime import twinvae_bundle as tb
 
 
 def expected_counts(images: np.ndarray, scale: float = 10.0) -> np.ndarray:
@@ -219,3 +223,26 @@ def test_list_images_is_sorted_and_recursive(tmp_path: Path) -> None:
     assert found == ["a.TIF", "b.png", "sub/c.jpg"]
     with pytest.raises(tb.BundleError, match="does not exist"):
         tb.list_images(tmp_path / "missing")
+
+
+def test_runner_is_standalone_without_torch_or_twinvae(tmp_path: Path, bundle: Path) -> None:
+    """The file the workflows ship runs with numpy + onnxruntime (no torch, no twinvae), and
+    twinvae.runtime imports without torch."""
+    shutil.copy(tb.__file__, tmp_path / "twinvae_bundle.py")
+    block = "import sys\nfor name in ('torch', 'twinvae'):\n    sys.modules[name] = None\n"
+    standalone = (
+        f"{block}sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import numpy as np, twinvae_bundle\n"
+        f"predictor = twinvae_bundle.BundlePredictor({str(bundle)!r})\n"
+        "print(float(predictor.predict_arrays(np.full((1, 128, 128), 51, np.uint8))[0]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", standalone], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(10 * 51 / 255, rel=1e-4)
+    in_package = "import sys\nsys.modules['torch'] = None\nimport twinvae.runtime.twinvae_bundle\n"
+    done = subprocess.run(
+        [sys.executable, "-c", in_package], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from twinvae.cli.main import app
 from twinvae.errors import TwinVAEError
 from twinvae.knime import builders
-from twinvae.knime.scripts import twinvae_bundle, twinvae_finetune
+from twinvae.knime.scripts import twinvae_finetune
 from twinvae.knime.testkit import (
     run_node_script,
     write_mean_intensity_bundle,
@@ -29,6 +30,7 @@ from twinvae.knime.testkit import (
 )
 from twinvae.knime.workflow import Connection, PythonScriptNode, Workflow, read_files
 from twinvae.knime.xmlconfig import Config, Entry, from_xml
+from twinvae.runtime import twinvae_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "knime_workflows"
@@ -275,6 +277,78 @@ def test_annotations_explain_each_step(built: Path) -> None:
         assert all(text and len(text) > 40 for text in texts)
         for step in range(1, node_count + 1):
             assert any(str(text).startswith(f"{step}. ") for text in texts)
+
+
+def _shipped_per_function(module_source: str) -> dict[str, set[str]]:
+    """For each function of twinvae_knime, the modules it imports via shipped("..."), also
+    through the module's other functions it calls."""
+    tree = ast.parse(module_source)
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    direct: dict[str, set[str]] = {}
+    calls: dict[str, set[str]] = {}
+    for name, function in functions.items():
+        direct[name], calls[name] = set(), set()
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "shipped" and isinstance(node.args[0], ast.Constant):
+                    direct[name].add(str(node.args[0].value))
+                elif node.func.id in functions:
+                    calls[name].add(node.func.id)
+    closure = {name: set(modules) for name, modules in direct.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name, callees in calls.items():
+            for callee in callees:
+                if not closure[callee] <= closure[name]:
+                    closure[name] |= closure[callee]
+                    changed = True
+    return closure
+
+
+def test_each_workflow_ships_only_the_modules_its_nodes_use(built: Path) -> None:
+    expected = {
+        builders.COUNT_WORKFLOW: {"twinvae_knime", "twinvae_bundle"},
+        builders.GROWTH_WORKFLOW: {"twinvae_knime", "twinvae_bundle", "twinvae_growth"},
+        builders.FINETUNE_WORKFLOW: {"twinvae_knime", "twinvae_finetune"},
+    }
+    runtime_source = Path(twinvae_bundle.__file__).read_bytes()
+    for name, modules in expected.items():
+        data = built / name / "data"
+        assert {path.stem for path in data.glob("*.py")} == modules, name
+        logic = (data / "twinvae_knime.py").read_text(encoding="utf-8")
+        needs = _shipped_per_function(logic)
+        used: set[str] = {"twinvae_knime"}
+        for node_script in settings_of(built / name).values():
+            script = node_script.config("model").value("script") or ""
+            tree = ast.parse(script)
+            imported = {
+                alias.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for alias in node.names
+            }
+            assert imported <= {"sys", "knime.scripting.io", "twinvae_knime"}, imported
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "tk"
+                ):
+                    used |= needs.get(node.attr, set())
+        assert used == modules, f"{name}: its nodes use {sorted(used)}"
+        if "twinvae_bundle" in modules:  # the very runner twinvae predict uses
+            assert (data / "twinvae_bundle.py").read_bytes() == runtime_source
+
+
+def test_workflows_link_the_papers_the_bundles_cite(built: Path) -> None:
+    from twinvae.export.rdf import CITATIONS
+
+    for name in builders.WORKFLOW_NAMES:
+        metadata = (built / name / "workflow-metadata.xml").read_text(encoding="utf-8")
+        for citation in CITATIONS:
+            assert f"https://doi.org/{citation['doi']}" in metadata, name
+        assert "btab208" not in metadata and "08124-7" not in metadata  # the old, wrong DOIs
 
 
 def test_committed_workflows_equal_a_fresh_build(tmp_path: Path) -> None:

@@ -1,14 +1,18 @@
-"""Run a twinvae bioimage.io model bundle (ONNX weights) on grey microscopy images.
+"""Open twinvae bioimage.io model bundles safely and run their ONNX weights on grey images.
 
 This module is self-contained: it imports no twinvae code, only numpy, onnxruntime, pyyaml,
 pillow and tifffile, so it can be copied next to a KNIME workflow (``data/twinvae_bundle.py``) and
-run in KNIME's Python environment. The twinvae command line uses the same module.
+run in KNIME's Python environment. Every twinvae command that reads a bundle (``predict``,
+``evaluate``, ``validate``, ``knime build``) opens it with ``open_bundle`` here.
 
 A bundle is a bioimage.io model (format 0.5; 0.4 spellings of axes and preprocessing are
-understood too) as a ``.zip`` with ``rdf.yaml`` at its top level, or an unpacked folder holding
-``rdf.yaml``. Only the ONNX weights are used. The first input gets the grey images as
-``(batch, channel=1, y, x)`` after the preprocessing listed in ``rdf.yaml``; the first output
-holds one count per image.
+understood too) as a ``.zip`` with ``rdf.yaml`` at its top level (or in its only folder), or an
+unpacked folder holding ``rdf.yaml``. ``open_bundle`` checks every member before anything is
+read: names must be plain relative paths (no absolute paths, "..", backslashes or drive letters),
+no links or special files, no name twice (also not in another case), and the sizes stay within
+``BundleLimits``. Only the ONNX weights are run: nothing in a bundle is executed as Python. The
+first input gets the grey images as ``(batch, channel=1, y, x)`` after the preprocessing listed
+in ``rdf.yaml``; the first output holds one count per image.
 
 Images: PNG, JPEG, TIFF, BMP. RGB(A) is converted to grey (ITU-R 601-2 luma, like Pillow's
 ``convert("L")``); 16-bit images are scaled to 8 bits over the full 16-bit range (value / 257);
@@ -29,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import os
 import posixpath
+import re
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,22 +45,29 @@ from types import ModuleType
 from typing import Any
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "IMAGE_SUFFIXES",
+    "RDF_NAME",
     "BundleError",
+    "BundleFiles",
     "BundleInfo",
+    "BundleLimits",
     "BundlePredictor",
     "MissingPackageError",
     "apply_processing",
     "install_hint",
     "list_images",
+    "open_bundle",
     "png_bytes",
     "read_bundle_info",
     "read_grey_image",
     "require",
     "to_model_input",
+    "unsafe_name_reason",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+RDF_NAME = "rdf.yaml"
 
 _PIP_NAMES = {"yaml": "pyyaml", "PIL": "pillow", "onnxruntime": "onnxruntime"}
 _CONDA_NAMES = {"yaml": "pyyaml", "PIL": "pillow"}
@@ -114,59 +128,243 @@ class BundleInfo:
     rdf: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-class _BundleFiles:
-    """Read files of a bundle that is a zip archive or a folder."""
+# -- opening a bundle -----------------------------------------------------------------------------
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if not path.exists():
-            raise BundleError(f"model bundle {path} does not exist")
+
+@dataclass(frozen=True)
+class BundleLimits:
+    """Bounds on a bundle's contents, so that a hostile zip cannot fill the disk or memory.
+
+    Sizes are the uncompressed sizes; zipfile never reads more than a member declares.
+    """
+
+    max_files: int = 1000
+    max_file_bytes: int = 1 << 30
+    max_total_bytes: int = 2 << 30
+
+
+DEFAULT_LIMITS = BundleLimits()
+
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why a member name could write or read outside the bundle, or None for a plain name.
+
+    A plain name is a relative POSIX path of non-empty parts other than "." and "..";
+    a trailing "/" marks a folder entry.
+    """
+    if not name:
+        return "empty name"
+    if "\\" in name:
+        return "backslash in the name (a Windows path separator)"
+    if "\x00" in name:
+        return "NUL character in the name"
+    if name.startswith("/"):
+        return "absolute path"
+    if _DRIVE_LETTER.match(name):
+        return "drive letter"
+    parts = name.removesuffix("/").split("/")
+    if ".." in parts:
+        return "'..' leads out of the bundle"
+    if any(part in ("", ".") for part in parts):
+        return "empty or '.' path component"
+    return None
+
+
+def _member_kind(info: zipfile.ZipInfo) -> str | None:
+    """'symbolic link' or 'special file' for members that are not plain files or folders."""
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if file_type in (0, stat.S_IFREG, stat.S_IFDIR):
+        return None
+    return "symbolic link" if file_type == stat.S_IFLNK else "special file (device, pipe)"
+
+
+class BundleFiles:
+    """The files of a bundle (a .zip or a folder), checked when opened.
+
+    Opening refuses member names that could reach outside the bundle (absolute paths, "..",
+    backslashes, drive letters), links and special files, names that occur twice (also when
+    they differ only in case) and contents beyond ``limits``; the error names the bundle and
+    the member. Use as a context manager, or call ``close``.
+    """
+
+    def __init__(self, path: str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self.limits = limits
         self._zip: zipfile.ZipFile | None = None
-        self._prefix = ""
-        if path.is_dir():
-            if not (path / "rdf.yaml").is_file():
-                raise BundleError(f"model bundle folder {path} has no rdf.yaml")
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        self._sizes: dict[str, int] = {}
+        self._folded: dict[str, str] = {}
+        self._total = 0
+        self.prefix = ""
+        """The folder inside a zip that holds rdf.yaml ("" when it is at the top level)."""
+        if not self.path.exists():
+            raise BundleError(f"model bundle {self.path} does not exist")
+        if self.path.is_dir():
+            self._scan_folder()
         else:
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except zipfile.BadZipFile as error:
-                raise BundleError(f"model bundle {path} is not a zip archive") from error
-            names = self._zip.namelist()
-            if "rdf.yaml" not in names:
-                nested = [name for name in names if posixpath.basename(name) == "rdf.yaml"]
-                if len(nested) != 1:
-                    raise BundleError(f"model bundle {path} has no rdf.yaml at its top level")
-                self._prefix = posixpath.dirname(nested[0]) + "/"
+            self._scan_zip()
+        self._find_rdf()
+
+    def _refuse(self, member: str, why: str) -> BundleError:
+        return BundleError(
+            f"model bundle {self.path}: refusing member {member!r}: {why}; the bundle cannot be "
+            "used safely (re-create it with 'twinvae export', or re-zip its files under plain "
+            "relative names)"
+        )
+
+    def _add(self, name: str, size: int) -> None:
+        limits = self.limits
+        if size > limits.max_file_bytes:
+            raise self._refuse(
+                name, f"{size} bytes, more than the {limits.max_file_bytes} bytes allowed per file"
+            )
+        if len(self._sizes) >= limits.max_files:
+            raise self._refuse(name, f"more than {limits.max_files} files in the bundle")
+        clash = self._folded.get(name.casefold())
+        if clash is not None:
+            same = "twice" if clash == name else f"twice (as {clash!r}, names differing in case)"
+            raise self._refuse(name, f"the name occurs {same}")
+        self._folded[name.casefold()] = name
+        self._sizes[name] = size
+        self._total += size
+        if self._total > limits.max_total_bytes:
+            raise self._refuse(
+                name, f"the files add up to more than the {limits.max_total_bytes} bytes allowed"
+            )
+
+    def _scan_zip(self) -> None:
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise BundleError(f"model bundle {self.path} is not a zip archive ({error})") from None
+        try:
+            for info in self._zip.infolist():
+                reason = unsafe_name_reason(info.filename) or _member_kind(info)
+                if reason is None and info.flag_bits & 0x1:
+                    reason = "encrypted member"
+                if reason is not None:
+                    raise self._refuse(info.filename, reason)
+                if info.is_dir():
+                    continue
+                self._add(info.filename, info.file_size)
+                self._members[info.filename] = info
+        except BundleError:
+            self.close()
+            raise
+
+    def _scan_folder(self) -> None:
+        for root, folders, files in os.walk(self.path):
+            base = Path(root)
+            for name in sorted(folders) + sorted(files):
+                entry = base / name
+                relative = entry.relative_to(self.path).as_posix()
+                reason = unsafe_name_reason(relative)
+                if reason is None and entry.is_symlink():
+                    reason = "symbolic link"
+                if reason is None and name in files and not entry.is_file():
+                    reason = "special file (device, pipe)"
+                if reason is not None:
+                    raise self._refuse(relative, reason)
+                if name in files:
+                    self._add(relative, entry.stat().st_size)
+
+    def _find_rdf(self) -> None:
+        if RDF_NAME in self._sizes:
+            return
+        nested = [name for name in self._sizes if posixpath.basename(name) == RDF_NAME]
+        if self._zip is None or len(nested) != 1:
+            self.close()
+            where = "folder" if self._zip is None else "zip"
+            raise BundleError(
+                f"model bundle {self.path}: no {RDF_NAME} at the top level of the {where}"
+            )
+        self.prefix = posixpath.dirname(nested[0]) + "/"
+
+    @property
+    def names(self) -> list[str]:
+        """The bundle's files, relative to the folder that holds rdf.yaml."""
+        return [
+            name.removeprefix(self.prefix) for name in self._sizes if name.startswith(self.prefix)
+        ]
+
+    def _member(self, relative: str) -> str:
+        clean = relative.strip()
+        while clean.startswith("./"):
+            clean = clean[2:]
+        if "://" in clean:
+            raise BundleError(
+                f"model bundle {self.path}: {relative!r} is a URL; only files inside the bundle "
+                "are read"
+            )
+        reason = unsafe_name_reason(clean)
+        if reason is not None:
+            raise self._refuse(relative, reason)
+        name = self.prefix + clean
+        if name not in self._sizes:
+            raise BundleError(f"model bundle {self.path} has no file {clean!r}")
+        return name
 
     def read(self, relative: str) -> bytes:
-        clean = posixpath.normpath(relative.strip().removeprefix("./"))
-        if clean.startswith("..") or posixpath.isabs(clean) or "://" in relative:
+        """A file named relative to rdf.yaml (as rdf.yaml names its files)."""
+        name = self._member(relative)
+        if self._zip is None:
+            path = self.path / name
+            if path.is_symlink():  # replaced since the bundle was opened
+                raise self._refuse(name, "symbolic link")
+            return path.read_bytes()
+        try:
+            return self._zip.read(self._members[name])  # checks the member's CRC
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
             raise BundleError(
-                f"model bundle {self.path}: {relative!r} must be a file inside the bundle"
-            )
+                f"model bundle {self.path}: member {name!r} is corrupt ({error})"
+            ) from None
+
+    def extract(self, folder: str | Path) -> None:
+        """Copy every file into ``folder`` (names relative to rdf.yaml); CRCs are checked."""
+        target_root = Path(folder)
+        for relative in self.names:
+            target = target_root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read(relative))
+
+    def close(self) -> None:
         if self._zip is not None:
-            try:
-                return self._zip.read(self._prefix + clean)
-            except KeyError:
-                raise BundleError(f"model bundle {self.path} has no file {clean!r}") from None
-        target = self.path / clean
-        if not target.is_file():
-            raise BundleError(f"model bundle {self.path} has no file {clean!r}")
-        return target.read_bytes()
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self) -> BundleFiles:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
-def read_bundle_info(bundle: str | Path) -> BundleInfo:
+def open_bundle(bundle: str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> BundleFiles:
+    """Open a bundle (.zip or folder) after checking every member; see BundleFiles."""
+    return BundleFiles(bundle, limits)
+
+
+def read_bundle_info(bundle: str | Path | BundleFiles) -> BundleInfo:
     """Parse the parts of rdf.yaml this module uses (no onnxruntime needed)."""
-    path = Path(bundle)
-    files = _BundleFiles(path)
+    if isinstance(bundle, BundleFiles):
+        return _read_info(bundle)
+    with open_bundle(bundle) as files:
+        return _read_info(files)
+
+
+def _read_info(files: BundleFiles) -> BundleInfo:
     yaml = require("yaml")
     try:
-        rdf = yaml.safe_load(files.read("rdf.yaml"))
+        rdf = yaml.safe_load(files.read(RDF_NAME))
     except yaml.YAMLError as error:
-        raise BundleError(f"model bundle {path}: rdf.yaml is not valid YAML: {error}") from error
+        raise BundleError(
+            f"model bundle {files.path}: {RDF_NAME} is not valid YAML: {error}"
+        ) from error
     if not isinstance(rdf, dict):
-        raise BundleError(f"model bundle {path}: rdf.yaml must be a mapping")
-    return _parse_rdf(rdf, str(path))
+        raise BundleError(f"model bundle {files.path}: {RDF_NAME} must be a mapping")
+    return _parse_rdf(rdf, str(files.path))
 
 
 def _parse_rdf(rdf: dict[str, Any], source: str) -> BundleInfo:
@@ -519,9 +717,10 @@ class BundlePredictor:
     ) -> None:
         if batch_size < 1:
             raise BundleError(f"batch_size must be at least 1, got {batch_size}")
-        self.info = read_bundle_info(bundle_path)
+        with open_bundle(bundle_path) as files:
+            self.info = read_bundle_info(files)
+            weights = files.read(self.info.onnx_file)
         onnxruntime = require("onnxruntime")
-        weights = _BundleFiles(Path(bundle_path)).read(self.info.onnx_file)
         if self.info.onnx_sha256:
             digest = hashlib.sha256(weights).hexdigest()
             if digest != self.info.onnx_sha256.lower():

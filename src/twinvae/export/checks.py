@@ -2,7 +2,8 @@
 
 Checks, in order (a failed package check stops the rest):
 
-1. package      the zip opens, rdf.yaml is at its top level, member names are safe
+1. package      the zip passes the runtime's bundle opener (safe member names, no links, no
+                duplicates, bounded sizes) and rdf.yaml is at its top level
 2. files        every file rdf.yaml names is in the zip and matches its sha256
 3. contract     input `raw` (batch, 1 channel, 128 x 128, /255 preprocessing), output `count`
                 (batch, 1), the three weight formats with pytorch_state_dict as parent
@@ -10,10 +11,17 @@ Checks, in order (a failed package check stops the rest):
 5. onnx         ONNX checker, opset >= 17, one self-contained file, dynamic batch axis
 6. agreement    every weight format gives the reference's outputs within the tolerance on the
                 check images, and the reference reproduces the bundle's test output
-7. bioimageio.core test (<format>), one per weight format: bioimage.io's own model test
+7. prediction spread   the counts of the ONNX weights on the check images (or, without any,
+                on generated images of the bundle's modality) are not (almost) constant; a flat
+                model passes with an alert (`SPREAD_MIN_STD`, `SPREAD_MIN_FRACTION`)
+8. bioimageio.core test (<format>), one per weight format: bioimage.io's own model test
 
-Validation runs the bundle's weights and its architecture source file (as `bioimageio test`
-does): only validate bundles whose code you are willing to run.
+Running code from a bundle: the ONNX weights run in ONNX Runtime and the TorchScript weights load
+with torch.jit.load, neither of which executes Python source from the bundle. The
+pytorch_state_dict weights need the bundle's architecture file (Python) to be imported, so they
+are only run, compared and tested with ``trust_code=True`` (``twinvae validate --trust-code``);
+without it those checks are reported as skipped and the torchscript weights are the agreement
+reference. ``twinvae export`` trusts the architecture file it has just written.
 """
 
 from __future__ import annotations
@@ -24,23 +32,23 @@ import io
 import tempfile
 import time
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from twinvae.data.imageset import IMAGE_SIZE
+from twinvae.data.imageset import IMAGE_SIZE, Modality
 from twinvae.errors import ExportError
 from twinvae.export.formats import FORMATS, PARENT_FORMAT, Runner, get_format
 from twinvae.export.formats.onnx_format import MIN_OPSET_VERSION
-from twinvae.export.images import INPUT_GAIN
-from twinvae.export.network import COUNT_ID, INPUT_ID
-from twinvae.export.rdf import RDF_NAME
+from twinvae.export.images import INPUT_GAIN, load_check_images, to_model_space
+from twinvae.export.network import ARCHITECTURE_FILE, COUNT_ID, INPUT_ID
+from twinvae.export.rdf import CONFIG_FILE, MODALITY_NAMES, RDF_NAME
 from twinvae.fileio import sha256_file
+from twinvae.runtime import twinvae_bundle as runtime
 
 DEFAULT_TOLERANCE = 5e-3
 """Largest accepted difference between weight formats, in counts (and mu units).
@@ -53,6 +61,19 @@ prediction into a count, and within the tolerance the bundle declares to bioimag
 HTTP_TIMEOUT_S = 3.0
 """bioimageio may look up URLs of foreign bundles; offline, fail fast instead of hanging."""
 
+CODE_FORMATS = frozenset({PARENT_FORMAT})
+"""Weight formats whose loading imports Python source from the bundle (the architecture)."""
+UNTRUSTED_REFERENCE = "torchscript"
+"""The agreement reference when the state-dict weights may not be run."""
+
+SPREAD_MIN_STD = 0.05
+"""Counts whose standard deviation over the check images is below this (in cells) are flat."""
+SPREAD_MIN_FRACTION = 0.1
+"""... and so are counts whose standard deviation is below this fraction of the labels' one."""
+SPREAD_IMAGES = 16
+"""Generated images the spread is measured on when no check images are given."""
+MODALITIES: tuple[Modality, ...] = ("bf", "pc")
+
 
 @dataclass
 class CheckResult:
@@ -63,6 +84,10 @@ class CheckResult:
     detail: str
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    skipped: bool = False
+    """The check was not run (it counts as passed); `detail` says why and how to run it."""
+    alerts: list[str] = field(default_factory=list)
+    """Findings that do not fail the check but make the model unfit for use."""
 
 
 @dataclass
@@ -79,6 +104,14 @@ class ValidationReport:
 
     def failures(self) -> list[CheckResult]:
         return [check for check in self.checks if not check.passed]
+
+    def skipped(self) -> list[CheckResult]:
+        return [check for check in self.checks if check.skipped]
+
+    @property
+    def alerts(self) -> list[str]:
+        """Every check's alerts (e.g. almost constant predictions), in check order."""
+        return [alert for check in self.checks for alert in check.alerts]
 
     def failure_message(self) -> str:
         """One line per failed check, for error messages."""
@@ -118,28 +151,20 @@ def quiet_bioimageio() -> Iterator[None]:
 
 
 def _open_package(zip_path: Path, folder: Path) -> _Bundle:
+    if zip_path.is_dir():
+        raise _CheckError(f"{zip_path}: is a folder; validate the bundle's .zip file")
     if not zip_path.is_file():
         raise _CheckError(f"{zip_path}: file not found")
     try:
-        archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise _CheckError(f"{zip_path}: not a zip file ({error})") from None
-    with archive:
-        names = archive.namelist()
-        for name in names:
-            pure = PurePosixPath(name)
-            if pure.is_absolute() or ".." in pure.parts or "\\" in name:
-                raise _CheckError(f"unsafe member name {name!r} in the zip")
-        if RDF_NAME not in names:
-            raise _CheckError(f"no {RDF_NAME} at the top level of the zip (members: {names[:8]})")
-        for name in names:
-            if not name.endswith("/"):
-                target = folder / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    target.write_bytes(archive.read(name))  # checks the member's CRC
-                except zipfile.BadZipFile as error:
-                    raise _CheckError(f"zip member {name!r} is corrupt: {error}") from None
+        with runtime.open_bundle(zip_path) as files:
+            if files.prefix:
+                raise _CheckError(
+                    f"no {RDF_NAME} at the top level of the zip (it is in {files.prefix!r}); "
+                    "zip the bundle's files themselves, not their folder"
+                )
+            files.extract(folder)
+    except runtime.BundleError as error:
+        raise _CheckError(str(error)) from None
     try:
         rdf = yaml.safe_load((folder / RDF_NAME).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -324,19 +349,39 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _core_tests(bundle: _Bundle) -> list[CheckResult]:
-    """bioimage.io's format validation and model test for all weight formats in one run.
+def _not_trusted(what: str) -> str:
+    return (
+        f"not run: {what} imports the bundle's Python file {ARCHITECTURE_FILE}; --trust-code "
+        "runs it (only for bundles whose code you trust)"
+    )
 
-    Returns the format result followed by one result per weight format.
+
+def _core_tests(bundle: _Bundle, trust_code: bool) -> list[CheckResult]:
+    """bioimage.io's format validation and model test for the weight formats that may run.
+
+    Returns the format result followed by one result per weight format (skipped for the
+    formats that would run code from the bundle, unless ``trust_code``).
     """
-    from bioimageio.core import test_description
+    from bioimageio.core import load_description_and_test
+    from bioimageio.spec import InvalidDescr, load_description
 
+    weight_formats = list(bundle.rdf.get("weights") or {})
+    tested = [w for w in weight_formats if trust_code or w not in CODE_FORMATS]
     start = time.perf_counter()
     with quiet_bioimageio(), _preserve_global_rng(), _gc_frozen(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates torch.jit
-        summary = test_description(bundle.zip_path, expected_type="model")
+        # Loading validates the description and its files; it runs nothing from the bundle.
+        description = load_description(bundle.zip_path, perform_io_checks=True)
+        for index, weight_format in enumerate(tested):
+            if isinstance(description, InvalidDescr):
+                break
+            description = load_description_and_test(
+                description,
+                weight_format=weight_format,
+                expected_type="model" if index == 0 else None,
+            )
+    summary = description.validation_summary
     seconds = time.perf_counter() - start
-    weight_formats = list(bundle.rdf.get("weights") or {})
     general = [d for d in summary.details if tuple(d.loc[:1]) != ("weights",)]
     general_errors, general_warnings = _messages(general)
     results = [
@@ -348,6 +393,10 @@ def _core_tests(bundle: _Bundle) -> list[CheckResult]:
         )
     ]
     for weight_format in weight_formats:
+        name = f"bioimageio.core test ({weight_format})"
+        if weight_format not in tested:
+            results.append(CheckResult(name, True, _not_trusted("its model test"), skipped=True))
+            continue
         details = [d for d in summary.details if tuple(d.loc[:2]) == ("weights", weight_format)]
         errors, notes = _messages(details)
         if not details:
@@ -355,10 +404,10 @@ def _core_tests(bundle: _Bundle) -> list[CheckResult]:
         passed = sum(1 for d in details if d.status == "passed")
         results.append(
             CheckResult(
-                f"bioimageio.core test ({weight_format})",
+                name,
                 not errors,
                 "; ".join(errors) or f"{passed} of {len(details)} subtests passed",
-                seconds=seconds / max(1, len(weight_formats)),
+                seconds=seconds / max(1, len(tested)),
                 warnings=notes,
             )
         )
@@ -439,25 +488,32 @@ def _max_differences(
 
 
 def _check_agreement(
-    bundle: _Bundle, images: np.ndarray | None, reference: Runner | None, tolerance: float
+    bundle: _Bundle,
+    images: np.ndarray | None,
+    reference: Runner | None,
+    tolerance: float,
+    trust_code: bool,
 ) -> CheckResult:
     weights = bundle.rdf.get("weights") or {}
     output_ids = [str(o.get("id")) for o in bundle.rdf.get("outputs") or []]
     runners = {
-        name: get_format(name).runner(bundle.folder, entry) for name, entry in weights.items()
+        name: get_format(name).runner(bundle.folder, entry)
+        for name, entry in weights.items()
+        if trust_code or name not in CODE_FORMATS
     }
     bundle_images, test_input = _bundle_images(bundle)
     check_images = (
         bundle_images if images is None else np.ascontiguousarray(images, dtype=np.float32)
     )
-    reference_name = "PyTorch model" if reference is not None else PARENT_FORMAT
-    reference_run = reference if reference is not None else runners[PARENT_FORMAT]
+    own_reference = PARENT_FORMAT if trust_code else UNTRUSTED_REFERENCE
+    reference_name = "PyTorch model" if reference is not None else own_reference
+    reference_run = reference if reference is not None else runners[own_reference]
     expected = reference_run(check_images)
     problems: list[str] = []
     report: list[str] = []
     largest: dict[str, float] = {}
     for name, run in runners.items():
-        if reference is None and name == PARENT_FORMAT:
+        if reference is None and name == own_reference:
             continue
         differences = _max_differences(expected, run(check_images), output_ids)
         largest[name] = max(differences.values())
@@ -490,6 +546,110 @@ def _check_agreement(
     )
 
 
+# --- prediction spread ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionSpread:
+    """How much a model's counts vary over a set of images, against the labels' variation.
+
+    The counts are flat when their standard deviation is below SPREAD_MIN_STD cells, or below
+    SPREAD_MIN_FRACTION of the standard deviation of the labels (labelled images only, when at
+    least two are labelled): a model that predicts (almost) the same count for every image.
+    """
+
+    std: float
+    mean: float
+    images: int
+    label_std: float | None = None
+
+    @property
+    def threshold(self) -> float:
+        relative = SPREAD_MIN_FRACTION * self.label_std if self.label_std else 0.0
+        return max(SPREAD_MIN_STD, relative)
+
+    @property
+    def flat(self) -> bool:
+        return self.images >= 2 and self.std < self.threshold
+
+    def describe(self, origin: str) -> str:
+        labels = f" (labels' std {self.label_std:.3g})" if self.label_std is not None else ""
+        return (
+            f"std {self.std:.3g} cells, mean {self.mean:.3g}, over {self.images} {origin}{labels}"
+        )
+
+
+def prediction_spread(
+    predictions: np.ndarray, labels: np.ndarray | None = None
+) -> PredictionSpread:
+    """The spread of predicted counts; labels <= 0 mean unlabelled and are left out."""
+    values = np.asarray(predictions, dtype=np.float64).reshape(-1)
+    label_std = None
+    if labels is not None:
+        labelled = np.asarray(labels, dtype=np.float64).reshape(-1)
+        labelled = labelled[labelled > 0]
+        label_std = float(np.std(labelled)) if len(labelled) >= 2 else None
+    return PredictionSpread(
+        std=float(np.std(values)),
+        mean=float(np.mean(values)),
+        images=len(values),
+        label_std=label_std,
+    )
+
+
+def _bundle_modality(bundle: _Bundle) -> Modality | None:
+    """'bf' or 'pc' from the bundle's config.yaml (twinvae bundles), else from its tags."""
+    config_path = bundle.folder / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            config = None
+        data = config.get("data") if isinstance(config, dict) else None
+        declared = data.get("modality") if isinstance(data, dict) else None
+        for modality in MODALITIES:
+            if declared == modality:
+                return modality
+    tags = bundle.rdf.get("tags") or []
+    found = [modality for modality in MODALITIES if MODALITY_NAMES[modality] in tags]
+    return found[0] if len(found) == 1 else None
+
+
+def _check_spread(
+    bundle: _Bundle, images: np.ndarray | None, labels: np.ndarray | None
+) -> CheckResult:
+    """Counts of the ONNX weights (what `twinvae predict` runs) over the check images."""
+    if images is not None:
+        origin = "check images"
+        model_images = np.ascontiguousarray(images, dtype=np.float32)
+    else:
+        modality = _bundle_modality(bundle)
+        if modality is None:
+            return CheckResult(
+                "prediction spread",
+                True,
+                "not run: no check images (--data) and the bundle names no modality to "
+                "generate images for",
+                skipped=True,
+            )
+        generated = load_check_images(None, modality, SPREAD_IMAGES)
+        origin = f"generated natural-style {modality.upper()} images"
+        model_images, labels = to_model_space(generated.images), generated.counts
+    weights = bundle.rdf.get("weights") or {}
+    run = get_format("onnx").runner(bundle.folder, weights["onnx"])
+    spread = prediction_spread(run(model_images)[0], labels)
+    detail = spread.describe(origin)
+    if not spread.flat:
+        return CheckResult("prediction spread", True, detail)
+    alert = (
+        f"the model predicts (almost) the same count for every image: {detail}, below "
+        f"{spread.threshold:.3g} (the larger of {SPREAD_MIN_STD:g} cells and "
+        f"{SPREAD_MIN_FRACTION:g} x the labels' std). It has not learned to count (e.g. its "
+        "best epoch predicted the mean count); check its training before using it"
+    )
+    return CheckResult("prediction spread", True, f"FLAT: {detail}", alerts=[alert])
+
+
 # --- driver --------------------------------------------------------------------------------------
 
 
@@ -510,16 +670,22 @@ def validate_bundle(
     bundle_path: Path | str,
     *,
     images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     reference: Runner | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     core_tests: bool = True,
+    trust_code: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """Run every check on a bundle zip.
 
-    images: model-space images (N, 1, 128, 128) in [0, 1] to compare the formats on
-    (default: the bundle's test input and three flips/rotations of it).
-    reference: the PyTorch model to compare with (default: the bundle's pytorch_state_dict).
+    images: model-space images (N, 1, 128, 128) in [0, 1] to compare the formats on and to
+    measure the prediction spread on (default: the bundle's test input and three flips/rotations
+    of it for the comparison, generated images of the bundle's modality for the spread).
+    labels: the counts of ``images`` (<= 0 = unlabelled), for the spread check.
+    reference: the PyTorch model to compare with (default: the bundle's pytorch_state_dict, or
+    its torchscript weights without ``trust_code``).
+    trust_code: run the state-dict weights, whose architecture is Python code from the bundle.
     """
     zip_path = Path(bundle_path)
     report = ValidationReport(bundle=zip_path)
@@ -546,12 +712,25 @@ def validate_bundle(
                 step("bioimageio format", lambda: _check_format(bundle))
             if files_ok and contract_ok:
                 step("onnx", lambda: _check_onnx(bundle))
-                step("agreement", lambda: _check_agreement(bundle, images, reference, tolerance))
+                step(
+                    "agreement",
+                    lambda: _check_agreement(bundle, images, reference, tolerance, trust_code),
+                )
+                if not trust_code:
+                    report.checks.append(
+                        CheckResult(
+                            f"{PARENT_FORMAT} weights",
+                            True,
+                            _not_trusted("building the network"),
+                            skipped=True,
+                        )
+                    )
+                step("prediction spread", lambda: _check_spread(bundle, images, labels))
             if core_tests and files_ok:
                 if progress is not None:
                     progress("bioimageio.core test")
                 try:
-                    report.checks.extend(_core_tests(bundle))
+                    report.checks.extend(_core_tests(bundle, trust_code))
                 except Exception as error:
                     report.checks.append(
                         CheckResult(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from twinvae.citations import PAPERS
 from twinvae.config import ExperimentConfig
 from twinvae.data.imageset import IMAGE_SIZE
 from twinvae.export.images import INPUT_GAIN
@@ -27,19 +28,8 @@ RELATIVE_TOLERANCE = 1e-3
 
 MODALITY_NAMES = {"bf": "bright-field", "pc": "phase-contrast"}
 
-CITATIONS: tuple[dict[str, str], ...] = (
-    {
-        "text": "Stallmann D, Göpfert JP, Schmitz J, Grünberger A, Hammer B. Towards an automatic "
-        "analysis of CHO-K1 suspension growth in microfluidic single-cell cultivation. "
-        "Bioinformatics 37(20):3632-3639 (2021)",
-        "doi": "10.1093/bioinformatics/btab386",
-    },
-    {
-        "text": "Kenneweg P, Stallmann D, Hammer B. Novel transfer learning schemes based on "
-        "Siamese networks and synthetic data. Neural Computing and Applications 35:8423 (2023)",
-        "doi": "10.1007/s00521-022-08115-2",
-    },
-)
+CITATIONS: tuple[dict[str, str], ...] = tuple({"text": p.text, "doi": p.doi} for p in PAPERS)
+"""The `cite` entries of rdf.yaml (from twinvae.citations, shared with the KNIME workflows)."""
 
 
 def test_output_file(output_id: str) -> str:

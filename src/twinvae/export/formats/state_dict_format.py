@@ -43,6 +43,8 @@ class StateDictFormat:
         }
 
     def runner(self, folder: Path, entry: Mapping[str, Any]) -> Runner:
+        """Imports the bundle's architecture file, i.e. runs Python from the bundle: the checks
+        call this only with trust_code (see twinvae.export.checks.CODE_FORMATS)."""
         architecture = entry.get("architecture")
         if not isinstance(architecture, Mapping):
             raise ValueError("pytorch_state_dict: missing 'architecture'")

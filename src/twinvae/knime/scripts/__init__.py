@@ -1,5 +1,6 @@
 """Modules shipped in the data/ folder of the KNIME workflows, and the Python Script node scripts.
 
-``twinvae_bundle`` (the ONNX bundle runner) and ``twinvae_growth`` import nothing from twinvae, so
-they also run in a KNIME Python environment without twinvae installed.
+``twinvae_knime`` (the logic behind the nodes), ``twinvae_growth`` and ``twinvae_finetune`` import
+nothing from twinvae, so they also run in a KNIME Python environment without twinvae installed;
+the ONNX bundle runner they use is ``twinvae.runtime.twinvae_bundle``.
 """

@@ -14,4 +14,4 @@ if str(DATA) not in sys.path:
 import twinvae_knime as tk
 
 counts = knio.input_tables[0].to_pandas()
-knio.output_tables[0] = knio.Table.from_pandas(tk.growth.chamber_counts(counts))
+knio.output_tables[0] = knio.Table.from_pandas(tk.chamber_counts(counts))

@@ -3,7 +3,12 @@
 Each node script only finds the workflow's ``data/`` folder, puts it on ``sys.path`` and calls one
 function here with the node's input table and the workflow variables. Paths in workflow variables
 may be absolute, relative to the workflow folder, or KNIME URLs of the form
-``knime://knime.workflow/data/...``.
+``knime://knime.workflow/...``.
+
+A workflow ships only the modules its nodes use: this one in every workflow, ``twinvae_bundle``
+(the ONNX runner) in the count and growth workflows, ``twinvae_growth`` in the growth workflow and
+``twinvae_finetune`` in the fine-tune workflow. So those three are imported by the functions that
+need them (``shipped``), not when this module is imported.
 """
 
 from __future__ import annotations
@@ -13,24 +18,56 @@ import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-try:  # inside the twinvae package
-    from . import twinvae_bundle as bundle
-    from . import twinvae_finetune as finetune
-    from . import twinvae_growth as growth
-except ImportError:  # shipped next to a KNIME workflow: the modules are siblings on sys.path
-    import twinvae_bundle as bundle  # type: ignore[no-redef]
-    import twinvae_finetune as finetune  # type: ignore[no-redef]
-    import twinvae_growth as growth  # type: ignore[no-redef]
+try:
+    import numpy as np
+    import pandas as pd
+except ImportError as error:  # pragma: no cover - depends on the user's environment
+    missing = getattr(error, "name", None) or "pandas"
+    raise ImportError(
+        f"The Python package '{missing}' is missing. Install it with 'pip install {missing}' or "
+        f"'conda install -c conda-forge {missing}' into the Python environment that KNIME uses "
+        "(Preferences > KNIME > Python)."
+    ) from error
 
-np: Any = bundle.require("numpy")
-pd: Any = bundle.require("pandas")
+if TYPE_CHECKING:
+    from twinvae.knime.scripts import twinvae_finetune
+    from twinvae.runtime import twinvae_bundle
+
+PACKAGE_HOMES = {
+    "twinvae_bundle": "twinvae.runtime.twinvae_bundle",
+    "twinvae_growth": "twinvae.knime.scripts.twinvae_growth",
+    "twinvae_finetune": "twinvae.knime.scripts.twinvae_finetune",
+}
+"""Where the modules shipped next to this one live inside the twinvae package."""
 
 WORKFLOW_URL = "knime://knime.workflow/"
 THUMBNAIL_SIZE = 64
 
 Variables = Mapping[str, Any]
+
+
+def shipped(name: str) -> ModuleType:
+    """A module shipped next to this one: a sibling in the workflow's data/ folder, or its
+    home in the twinvae package when this module is imported from there."""
+    if __package__:
+        return importlib.import_module(PACKAGE_HOMES[name])
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        raise ModuleNotFoundError(
+            f"{name}.py is missing from the workflow's data folder; regenerate the workflow with "
+            "'twinvae knime build'",
+            name=name,
+        ) from error
+
+
+def _bundle() -> ModuleType:
+    return shipped("twinvae_bundle")
 
 
 # -- workflow variables and paths -----------------------------------------------------------------
@@ -90,6 +127,7 @@ def find_images(
 ) -> Any:
     """Table of the images in the folder named by a workflow variable: file, path."""
     folder = path_variable(variables, folder_variable, workflow_dir)
+    bundle = _bundle()
     paths = bundle.list_images(folder)
     if not paths:
         raise ValueError(
@@ -104,7 +142,7 @@ def find_images(
     )
 
 
-def load_predictor(variables: Variables, workflow_dir: Path) -> bundle.BundlePredictor:
+def load_predictor(variables: Variables, workflow_dir: Path) -> twinvae_bundle.BundlePredictor:
     """The ONNX predictor of the bundle named by the workflow variable 'bundle'."""
     path = path_variable(variables, "bundle", workflow_dir)
     if not path.exists():
@@ -114,7 +152,10 @@ def load_predictor(variables: Variables, workflow_dir: Path) -> bundle.BundlePre
             "'twinvae knime build --bundle <model.zip>' so that data/model.zip exists."
         )
     batch_size = int(number_variable(variables, "batch_size", 64))
-    return bundle.BundlePredictor(path, batch_size=max(1, batch_size))
+    predictor: twinvae_bundle.BundlePredictor = _bundle().BundlePredictor(
+        path, batch_size=max(1, batch_size)
+    )
+    return predictor
 
 
 def png_cells_supported() -> bool:
@@ -128,6 +169,7 @@ def png_cells_supported() -> bool:
 
 def thumbnail_cells(images: Any, as_pil: bool) -> list[Any]:
     """Small PNG thumbnails: PIL images (KNIME PNG cells) or raw PNG bytes (older KNIME)."""
+    bundle = _bundle()
     image_module = bundle.require("PIL.Image")
     cells: list[Any] = []
     for image in images:
@@ -193,7 +235,7 @@ def count_histogram_png(counts: Any, title: str = "Predicted cells per image") -
 
 
 def _pyplot() -> Any:
-    matplotlib = bundle.require("matplotlib")
+    matplotlib = _bundle().require("matplotlib")
     matplotlib.use("Agg")
     return importlib.import_module("matplotlib.pyplot")
 
@@ -240,6 +282,7 @@ def find_time_lapse(variables: Variables, workflow_dir: Path) -> Any:
     """Images of a time-lapse with chamber and frame (from the names, or from a position table)."""
     table_value = text_variable(variables, "position_table", required=False)
     if table_value:
+        growth = shipped("twinvae_growth")
         positions = growth.read_position_table(resolve_path(table_value, workflow_dir))
         folder = path_variable(variables, "time_lapse_folder", workflow_dir)
         positions.insert(1, "path", [str((folder / file).resolve()) for file in positions["file"]])
@@ -250,14 +293,20 @@ def find_time_lapse(variables: Variables, workflow_dir: Path) -> Any:
             )
         return positions
     images = find_images(variables, workflow_dir, "time_lapse_folder")
-    frames = growth.time_lapse_table(images["file"])
+    frames = shipped("twinvae_growth").time_lapse_table(images["file"])
     return frames.merge(images, on="file", how="left")[
         ["file", "path", "experiment", "position", "frame", "chamber"]
     ]
 
 
+def chamber_counts(counts: Any) -> Any:
+    """Counts summed per chamber and frame: chamber, frame, count, images."""
+    return shipped("twinvae_growth").chamber_counts(counts)
+
+
 def growth_fits(counts: Any, variables: Variables) -> tuple[Any, bytes]:
     """Fitted growth per chamber and the growth-curve plot."""
+    growth = shipped("twinvae_growth")
     interval = number_variable(variables, "frame_interval_minutes", 0.0)
     fits = growth.fit_all(counts, interval if interval > 0 else None)
     return fits, growth.growth_plot_png(counts, fits)
@@ -266,8 +315,11 @@ def growth_fits(counts: Any, variables: Variables) -> tuple[Any, bytes]:
 # -- fine-tuning ----------------------------------------------------------------------------------
 
 
-def finetune_settings(variables: Variables, workflow_dir: Path) -> finetune.FineTuneSettings:
-    return finetune.FineTuneSettings(
+def finetune_settings(
+    variables: Variables, workflow_dir: Path
+) -> twinvae_finetune.FineTuneSettings:
+    finetune = shipped("twinvae_finetune")
+    settings: twinvae_finetune.FineTuneSettings = finetune.FineTuneSettings(
         twinvae=finetune.find_twinvae(
             text_variable(variables, "twinvae_executable", required=False)
         ),
@@ -278,6 +330,7 @@ def finetune_settings(variables: Variables, workflow_dir: Path) -> finetune.Fine
         run_dir=path_variable(variables, "run_dir", workflow_dir),
         new_bundle=path_variable(variables, "new_bundle", workflow_dir),
     )
+    return settings
 
 
 LOG_COLUMNS = ["step", "command", "status", "seconds", "output"]
@@ -285,6 +338,7 @@ LOG_COLUMNS = ["step", "command", "status", "seconds", "output"]
 
 def finetune_plan(variables: Variables, workflow_dir: Path) -> Any:
     """Check the inputs and list the three command lines (status 'planned')."""
+    finetune = shipped("twinvae_finetune")
     settings = finetune_settings(variables, workflow_dir)
     finetune.check_inputs(settings)
     rows = [
@@ -302,6 +356,7 @@ def finetune_plan(variables: Variables, workflow_dir: Path) -> Any:
 
 def finetune_run(step_name: str, log: Any, variables: Variables, workflow_dir: Path) -> Any:
     """Run one planned step and mark it done in the log table."""
+    finetune = shipped("twinvae_finetune")
     settings = finetune_settings(variables, workflow_dir)
     steps = {step.name: step for step in finetune.build_steps(settings)}
     if step_name not in steps:
@@ -320,6 +375,7 @@ def finetune_metrics(log: Any) -> Any:
     output = log.loc[log["step"] == "evaluate", "output"]
     if output.empty or not str(output.iloc[0]).strip():
         raise ValueError("the evaluate step has not run yet")
+    finetune = shipped("twinvae_finetune")
     pairs = finetune.flatten_metrics(finetune.parse_json_output(str(output.iloc[0])))
     return pd.DataFrame(
         {
