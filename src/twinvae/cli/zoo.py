@@ -44,13 +44,27 @@ def list_command(
 @zoo_app.command("build")
 def build_command(
     name: str = typer.Argument(..., help="Model name as listed by `twinvae zoo list`."),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for NAME.zip."),
+    out: Path = typer.Option(
+        Path("."),
+        "--out",
+        "-o",
+        help="Folder to write NAME.zip into (a folder, not a file name: the bundle is named "
+        "after the model).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing NAME.zip."),
     zoo_dir: Path | None = typer.Option(None, "--zoo-dir", help=ZOO_DIR_HELP),
 ) -> None:
     """Rebuild a model's bundle from the stored weights (validated; same bytes every time)."""
     from twinvae.model_zoo import build_entry, load_manifest
 
+    # Like `export --out`, a .zip here reads as the bundle's file name; building would make a
+    # folder of that name instead, so say what --out means.
+    if out.suffix.lower() == ".zip" and not out.is_dir():
+        raise typer.BadParameter(
+            f"{out} is a .zip file name; give the folder to write {name}.zip into, "
+            f"e.g. --out {out.parent}",
+            param_hint="--out",
+        )
     folder = _zoo_dir(zoo_dir)
     result = build_entry(folder, name, out, overwrite=overwrite)
     expected = load_manifest(folder).get(name).bundle_sha256
@@ -68,16 +82,19 @@ def build_command(
 def check_command(
     zoo_dir: Path | None = typer.Option(None, "--zoo-dir", help=ZOO_DIR_HELP),
 ) -> None:
-    """Validate every model: stored files, a rebuilt and validated bundle, its sha256."""
+    """Validate every model: stored files, a rebuilt and validated bundle, its test outputs
+    against the recorded ones (difference vs tolerance), and each member's sha256."""
+    from rich.markup import escape
+
     from twinvae.model_zoo import check_zoo
 
     folder = _zoo_dir(zoo_dir)
     results = check_zoo(folder)
     for result in results:
         mark = "[green]ok[/]" if result.passed else "[bold red]FAILED[/]"
-        console.print(f"{result.name}  {mark}  {result.detail}", highlight=False)
+        console.print(f"{result.name}  {mark}  {escape(result.detail)}", highlight=False)
         for warning in result.warnings:
-            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
     if not results:
         console.print(f"no models in {folder / 'collection.yaml'}: nothing to check")
     failed = [r.name for r in results if not r.passed]
@@ -100,7 +117,10 @@ def add_command(
     recipe: str | None = typer.Option(None, "--recipe", help="Training recipe in a few words."),
     description: str = typer.Option("", "--description", help="Description for the bundle."),
     authors: list[str] = typer.Option(
-        ["twinvae contributors"], "--author", help="Bundle author (repeat for several)."
+        ["twinvae contributors"],
+        "--author",
+        metavar="NAME",
+        help="Bundle author (repeat for several).",
     ),
     version: str = typer.Option("0.1.0", "--version", help="Version of the model."),
     with_mu: bool = typer.Option(False, "--with-mu", help="Bundle with the latent mu output."),

@@ -7,7 +7,13 @@ existing file is never replaced unless ``overwrite`` is set.
 Reproducibility: the zip has fixed member order, timestamps and permissions, the description's
 timestamp comes from the options (or SOURCE_DATE_EPOCH), and the ONNX, TorchScript and state-dict
 files are written under fixed names, which makes them byte-identical for the same weights with the
-same torch / onnx / onnxscript versions.
+same torch / onnx / onnxscript versions. The test outputs are computed by PyTorch on the exporting
+machine, and their last bits depend on its CPU's kernels; `ExportOptions.recorded_outputs` ships
+outputs recorded elsewhere instead (after checking that they agree within the bundle's tolerance),
+which makes every member independent of the CPU (the model zoo does this).
+
+No member names a folder of the exporting machine: absolute paths (the checkpoint, the training
+config's data folders and transfer source, the check images) are shortened by `portable_path`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,7 @@ import yaml
 from torch import nn
 
 from twinvae import __version__
-from twinvae.config import ExperimentConfig
+from twinvae.config import DataConfig, ExperimentConfig
 from twinvae.errors import ExportError
 from twinvae.export import checks
 from twinvae.export.docs import DocContext, documentation, write_cover
@@ -49,6 +55,7 @@ from twinvae.export.rdf import (
     BundleMetadata,
     build_rdf,
     default_name,
+    reproducibility_tolerances,
     sample_output_file,
     test_output_file,
 )
@@ -56,6 +63,9 @@ from twinvae.fileio import sha256_file
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 COMPRESSED_SUFFIXES = frozenset({".yaml", ".md", ".py", ".json", ".txt"})
+PORTABLE_PATH_PARTS = 3
+"""Parts an absolute path keeps in a bundle: e.g. row or run folder, `run/`, checkpoint name."""
+_DATA_PATH_FIELDS = ("natural", "synthetic", "cache_dir", "synthetic_background")
 
 
 @dataclass
@@ -82,6 +92,29 @@ class ExportOptions:
     tolerance: float = checks.DEFAULT_TOLERANCE
     overwrite: bool = False
     metadata: BundleMetadata = field(default_factory=BundleMetadata)
+    recorded_outputs: dict[str, np.ndarray] | None = None
+    """Test outputs (by output id) recorded when the model was published: shipped instead of the
+    ones computed here, which must agree with them within the bundle's reproducibility
+    tolerance (else the export fails naming the member and the difference)."""
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """A test output computed here against the recorded one, element by element within
+    bioimage.io's `absolute_tolerance + relative_tolerance * |recorded|`."""
+
+    member: str
+    difference: float
+    """|computed - recorded| at the element furthest beyond (or closest to) its tolerance."""
+    tolerance: float
+    """The tolerance of that element."""
+    passed: bool
+
+    def describe(self) -> str:
+        return (
+            f"{self.member}: max |difference| {self.difference:.2g} "
+            f"(tolerance {self.tolerance:.2g})"
+        )
 
 
 @dataclass
@@ -91,6 +124,10 @@ class ExportResult:
     report: checks.ValidationReport
     seconds: float
     test_prediction: float
+    test_outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    """The test outputs the bundle holds (the recorded ones when given)."""
+    output_comparisons: list[OutputComparison] = field(default_factory=list)
+    """One per output when recorded outputs were given, else empty."""
 
 
 def source_from_checkpoint(path: Path | str) -> ExportSource:
@@ -166,6 +203,88 @@ def write_reproducible_zip(folder: Path, target: Path) -> None:
             archive.writestr(info, (folder / name).read_bytes(), compresslevel=6)
 
 
+def portable_path(path: str | Path) -> str:
+    """A path that names no folder of this machine, for bundle members and manifests.
+
+    Relative paths stay as given; an absolute one keeps its last PORTABLE_PATH_PARTS parts after
+    `.../` (e.g. `.../transfer-bf-to-pc/run/best.pt`), enough to tell runs apart.
+    """
+    pure = PurePath(path)
+    if not pure.is_absolute():
+        return str(path)
+    tail = pure.relative_to(pure.anchor).parts[-PORTABLE_PATH_PARTS:]
+    return "/".join(("...", *tail))
+
+
+def _portable_data(data: DataConfig) -> DataConfig:
+    updates = {
+        key: portable_path(value)
+        for key in _DATA_PATH_FIELDS
+        if isinstance(value := getattr(data, key), str) and PurePath(value).is_absolute()
+    }
+    return data.model_copy(update=updates) if updates else data
+
+
+def portable_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The config with its absolute paths (data folders, transfer source) made portable; a copy
+    for the bundle (config.yaml, README.md), not for training."""
+    updates: dict[str, Any] = {"data": _portable_data(config.data)}
+    transfer = config.transfer
+    if transfer is not None:
+        transfer_updates: dict[str, Any] = {}
+        if transfer.from_checkpoint is not None:
+            transfer_updates["from_checkpoint"] = portable_path(transfer.from_checkpoint)
+        if transfer.second_stage is not None:
+            stage = transfer.second_stage
+            transfer_updates["second_stage"] = stage.model_copy(
+                update={"data": _portable_data(stage.data)}
+            )
+        updates["transfer"] = transfer.model_copy(update=transfer_updates)
+    return config.model_copy(update=updates)
+
+
+def compare_test_outputs(
+    computed: dict[str, np.ndarray], recorded: dict[str, np.ndarray]
+) -> list[OutputComparison]:
+    """Each computed test output against the recorded one, within the tolerance the bundle
+    declares for the recorded outputs (rdf.yaml's reproducibility_tolerance)."""
+    missing = sorted(set(computed) - set(recorded))
+    if missing:
+        raise ExportError(
+            f"no recorded test output for {', '.join(missing)} (recorded: "
+            f"{', '.join(sorted(recorded)) or 'none'}); record the outputs of this network"
+        )
+    shaped: dict[str, np.ndarray] = {}
+    for output_id, values in computed.items():
+        expected = np.asarray(recorded[output_id], dtype=np.float32)
+        if expected.size != values.size:
+            raise ExportError(
+                f"{test_output_file(output_id)}: {expected.size} recorded values, the network "
+                f"gives {values.size}; record the outputs of this network"
+            )
+        shaped[output_id] = expected.reshape(values.shape)
+    tolerances = {t["output_ids"][0]: t for t in reproducibility_tolerances(shaped)}
+    comparisons = []
+    for output_id, values in computed.items():
+        expected = shaped[output_id].astype(np.float64)
+        tolerance = tolerances[output_id]
+        difference = np.abs(values.astype(np.float64) - expected).reshape(-1)
+        allowed = (
+            tolerance["absolute_tolerance"] + tolerance["relative_tolerance"] * np.abs(expected)
+        ).reshape(-1)
+        excess = np.where(np.isnan(difference), np.inf, difference - allowed)
+        worst = int(np.argmax(excess))
+        comparisons.append(
+            OutputComparison(
+                member=test_output_file(output_id),
+                difference=float(difference[worst]),
+                tolerance=float(allowed[worst]),
+                passed=bool(np.all(difference <= allowed)),
+            )
+        )
+    return comparisons
+
+
 def _reference_runner(network: nn.Module) -> Runner:
     def run(images: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
@@ -174,23 +293,61 @@ def _reference_runner(network: nn.Module) -> Runner:
     return run
 
 
+@dataclass
+class PackageFolder:
+    """What build_package_folder wrote, and what the checks of the bundle need."""
+
+    reference: Runner
+    """The PyTorch model the bundle's weights are compared with."""
+    model_images: np.ndarray
+    test_outputs: dict[str, np.ndarray]
+    output_comparisons: list[OutputComparison]
+
+    @property
+    def prediction(self) -> float:
+        return float(self.test_outputs[COUNT_ID].reshape(-1)[0])
+
+
+def _shipped_test_outputs(
+    computed: dict[str, np.ndarray], recorded: dict[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
+    """The computed outputs, or the recorded ones after checking them against the computed."""
+    if recorded is None:
+        return computed, []
+    comparisons = compare_test_outputs(computed, recorded)
+    failed = [c for c in comparisons if not c.passed]
+    if failed:
+        raise ExportError(
+            "; ".join(c.describe() for c in failed)
+            + ": the test output computed here is not the recorded one within the bundle's "
+            "reproducibility tolerance (changed weights, or another torch version with other "
+            "numerics); if the change is intended, publish the model again (`twinvae zoo add "
+            "--replace`)"
+        )
+    shipped = {
+        output_id: np.asarray(recorded[output_id], dtype=np.float32).reshape(values.shape)
+        for output_id, values in computed.items()
+    }
+    return shipped, comparisons
+
+
 def build_package_folder(
     source: ExportSource,
     folder: Path,
     options: ExportOptions,
     images: CheckImages,
     bundle_file: str,
-) -> tuple[Runner, np.ndarray, float]:
-    """Write every bundle file and rdf.yaml into folder.
-
-    Returns the PyTorch reference runner, the model-space check images and the test prediction.
-    """
+) -> PackageFolder:
+    """Write every bundle file and rdf.yaml into folder."""
     spec = NetworkSpec(source.config.model, with_mu=options.with_mu)
     network = build_network(spec, source.state)
     reference = _reference_runner(network)
     model_images = to_model_space(images.images)
     raw_test = images.images[:1, None].astype(np.float32)
-    test_outputs = dict(zip(spec.output_ids, reference(model_images[:1]), strict=True))
+    computed = dict(zip(spec.output_ids, reference(model_images[:1]), strict=True))
+    test_outputs, comparisons = _shipped_test_outputs(computed, options.recorded_outputs)
+    config = portable_config(source.config)
+    origin = portable_path(source.origin) if source.origin else "a twinvae checkpoint"
 
     np.save(folder / TEST_INPUT_FILE, raw_test, allow_pickle=False)
     tifffile.imwrite(folder / SAMPLE_INPUT_FILE, images.images[0])
@@ -210,26 +367,24 @@ def build_package_folder(
         weights[weight_format.name] = entry
 
     metadata = options.metadata
-    name = metadata.name or default_name(source.config.data.modality)
+    name = metadata.name or default_name(config.data.modality)
     prediction = float(test_outputs[COUNT_ID].reshape(-1)[0])
     label = int(images.counts[0])
-    source.config.save(folder / CONFIG_FILE)
-    write_cover(
-        folder / COVER_FILE, images.images[0], prediction, label, source.config.data.modality
-    )
+    config.save(folder / CONFIG_FILE)
+    write_cover(folder / COVER_FILE, images.images[0], prediction, label, config.data.modality)
     (folder / DOCUMENTATION_FILE).write_text(
         documentation(
             DocContext(
                 name=name,
                 bundle_file=bundle_file,
                 spec=spec,
-                config=source.config,
+                config=config,
                 epoch=source.epoch,
-                source=source.origin or "a twinvae checkpoint",
+                source=origin,
                 checkpoint_metrics=source.metrics,
                 extra_metrics=metadata.extra_metrics,
                 extra_metrics_title=metadata.metrics_title,
-                check_origin=images.origin,
+                check_origin=portable_path(images.origin),
                 check_image_count=len(images),
                 tolerance=options.tolerance,
                 test_label=label,
@@ -253,7 +408,7 @@ def build_package_folder(
             architecture["sha256"] = hashes[architecture["source"]]
     rdf = build_rdf(
         spec=spec,
-        config=source.config,
+        config=config,
         metadata=metadata,
         hashes=hashes,
         weights=weights,
@@ -261,12 +416,12 @@ def build_package_folder(
         parameter_count=sum(p.numel() for p in network.parameters()),
         epoch=source.epoch,
         timestamp=resolve_timestamp(metadata.timestamp),
-        twinvae_info={"twinvae_version": __version__, "exported_from": source.origin},
+        twinvae_info={"twinvae_version": __version__, "exported_from": origin},
     )
     (folder / RDF_NAME).write_text(
         yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8"
     )
-    return reference, model_images, prediction
+    return PackageFolder(reference, model_images, test_outputs, comparisons)
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
@@ -318,16 +473,16 @@ def export_source(
         folder = scratch / "bundle"
         folder.mkdir()
         say("writing weights (state dict, TorchScript, ONNX), docs and cover")
-        reference, model_images, prediction = build_package_folder(
-            source, folder, options, images, out.name
-        )
+        package = build_package_folder(source, folder, options, images, out.name)
         built = scratch / out.name
         write_reproducible_zip(folder, built)
         report = checks.validate_bundle(
             built,
-            images=model_images,
-            reference=reference,
+            images=package.model_images,
+            labels=images.counts,
+            reference=package.reference,
             tolerance=options.tolerance,
+            trust_code=True,  # the architecture file is twinvae's own, written just now
             progress=lambda name: say(f"check: {name}"),
         )
         checks.require_valid(report)
@@ -341,7 +496,9 @@ def export_source(
         sha256=digest,
         report=report,
         seconds=time.perf_counter() - start,
-        test_prediction=prediction,
+        test_prediction=package.prediction,
+        test_outputs=package.test_outputs,
+        output_comparisons=package.output_comparisons,
     )
 
 

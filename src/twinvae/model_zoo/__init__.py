@@ -10,6 +10,7 @@ from twinvae.model_zoo.zoo import (
     check_entry,
     check_zoo,
     default_zoo_dir,
+    record_entry,
 )
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "check_zoo",
     "default_zoo_dir",
     "load_manifest",
+    "record_entry",
     "save_manifest",
 ]

@@ -14,12 +14,14 @@ from twinvae.errors import ConfigError
 from twinvae.fileio import atomic_writer
 
 MANIFEST_FILE = "collection.yaml"
-MANIFEST_FORMAT: Literal["twinvae-zoo/1"] = "twinvae-zoo/1"
+MANIFEST_FORMAT: Literal["twinvae-zoo/2"] = "twinvae-zoo/2"
+"""Format 2 records the test outputs and the sha256 of every bundle member (see zoo.py)."""
 WEIGHTS_DIR = "weights"
 MAX_WEIGHTS_BYTES = 50 * 1024 * 1024
 """Stored weights committed to the repository, all entries together."""
 
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _HEADER = """\
 # twinvae model zoo: published Twin-VAE cell-counting models (see README.md).
@@ -36,7 +38,10 @@ class ZooEntry(BaseModel):
     modality: Literal["bf", "pc"]
     description: str = ""
     recipe: str = Field(description="training recipe: config name and notable settings")
-    source_checkpoint: str = Field(description="the checkpoint the weights were taken from")
+    source_checkpoint: str = Field(
+        description="the checkpoint the weights were taken from, without the training machine's "
+        "folders: relative as given, or `.../` and the last parts of an absolute path"
+    )
     weights: str = Field(description="safetensors file of the counting path, relative to the zoo")
     weights_sha256: str
     config: str = Field(description="training config YAML, relative to the zoo")
@@ -57,6 +62,14 @@ class ZooEntry(BaseModel):
     license: str = "MIT"
     version: str = "0.1.0"
     timestamp: datetime = Field(description="creation time written into the bundle")
+    test_outputs: dict[str, list[float]] = Field(
+        description="the bundle's test outputs by output id (flat float32 values), recorded when "
+        "the entry was added; every build ships them after checking that the outputs computed "
+        "there agree within the bundle's tolerance"
+    )
+    members: dict[str, str] = Field(
+        description="sha256 of every member of the bundle zip `zoo build` makes"
+    )
     bundle_sha256: str = Field(description="sha256 of the bundle zip `zoo build` makes")
     built_with: dict[str, str] = Field(
         default_factory=dict, description="package versions the bundle_sha256 was made with"
@@ -69,6 +82,23 @@ class ZooEntry(BaseModel):
             raise ValueError(
                 f"{value!r}: use lower-case letters, digits and single dashes, e.g. cho-k1-pc-paper"
             )
+        return value
+
+    @field_validator("test_outputs")
+    @classmethod
+    def _check_outputs(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        if "count" not in value or any(not values for values in value.values()):
+            raise ValueError("needs the recorded values of every output, at least 'count'")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _check_members(cls, value: dict[str, str]) -> dict[str, str]:
+        if "rdf.yaml" not in value:
+            raise ValueError("needs the sha256 of every bundle member, rdf.yaml included")
+        bad = sorted(name for name, digest in value.items() if not _SHA256.match(digest))
+        if bad:
+            raise ValueError(f"not a sha256 (64 lower-case hex digits): {', '.join(bad)}")
         return value
 
     @model_validator(mode="after")
@@ -93,7 +123,7 @@ class ZooManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["twinvae-zoo/1"] = MANIFEST_FORMAT
+    format: Literal["twinvae-zoo/2"] = MANIFEST_FORMAT
     models: list[ZooEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -121,6 +151,12 @@ def load_manifest(zoo_dir: Path) -> ZooManifest:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if isinstance(data, dict) and data.get("format") == "twinvae-zoo/1":
+        raise ConfigError(
+            f"{path}: zoo manifest format twinvae-zoo/1 lacks the test outputs and member hashes "
+            f"of {MANIFEST_FORMAT}; add its models again (`twinvae zoo add CHECKPOINT --name NAME "
+            "--replace`)"
+        )
     try:
         return ZooManifest.model_validate(data)
     except ValidationError as error:

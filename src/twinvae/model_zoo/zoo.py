@@ -6,21 +6,37 @@ Layout of a zoo folder (the repository's `model_zoo/` by default)::
     weights/NAME.safetensors    counting-path weights (no pickle)
     weights/NAME.yaml           the training config
 
-`zoo build` makes the same bundle bytes for the same stored weights with the same package
-versions (`built_with` in the manifest); across versions or CPUs the ONNX/TorchScript files and
-test outputs can differ in their last bits, so the stable fingerprint of an entry is
-`weights_sha256`, and a changed bundle hash is only an error when the versions match.
+The contract, on every CPU: `zoo build` makes the bundle whose sha256 the manifest records
+(`bundle_sha256`, and `members`: the sha256 of every member), as long as the package versions are
+the manifest's `built_with`.
+
+- Members that do not depend on floating-point kernels (weights, ONNX and TorchScript files,
+  config, docs, code, cover, test inputs) are byte-identical wherever they are built.
+- The test outputs are computed by PyTorch on the building machine, and their last bits depend
+  on its CPU's kernels. So the manifest records them (`test_outputs`, from the machine that added
+  the entry), and every build compares the outputs it computes with the recorded ones within the
+  bundle's reproducibility tolerance (rdf.yaml, `twinvae.export.rdf.reproducibility_tolerances`),
+  then ships the recorded values. The members that derive from them (sample outputs, rdf.yaml,
+  README.md, cover.png) are then CPU-independent too.
+- `zoo check` rebuilds every entry and reports, per entry, each runtime output's largest
+  difference against its tolerance, and by name every member whose sha256 is not the recorded
+  one. A difference beyond tolerance fails; a changed member fails when the package versions
+  are those of `built_with`, and is a warning when they changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import tempfile
+import time
+import zipfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from twinvae.config import config_from_dict
@@ -30,6 +46,7 @@ from twinvae.export.bundle import (
     ExportResult,
     ExportSource,
     export_source,
+    portable_path,
     resolve_timestamp,
     sha256_file,
     source_from_checkpoint,
@@ -141,7 +158,15 @@ def _stored_images(zoo_dir: Path, entry: ZooEntry) -> CheckImages | None:
     return read_check_images(path)
 
 
-def _build(zoo_dir: Path, entry: ZooEntry, out: Path, *, overwrite: bool) -> ExportResult:
+def _recorded_outputs(entry: ZooEntry) -> dict[str, np.ndarray]:
+    return {key: np.asarray(values, dtype=np.float32) for key, values in entry.test_outputs.items()}
+
+
+def _build(
+    zoo_dir: Path, entry: ZooEntry, out: Path, *, overwrite: bool, recorded: bool = True
+) -> ExportResult:
+    """Export the entry's bundle; with `recorded` (always, except when the entry is added) it
+    ships the recorded test outputs."""
     source = source_from_entry(zoo_dir, entry)
     options = ExportOptions(
         with_mu=entry.with_mu,
@@ -149,8 +174,36 @@ def _build(zoo_dir: Path, entry: ZooEntry, out: Path, *, overwrite: bool) -> Exp
         images=_stored_images(zoo_dir, entry),
         overwrite=overwrite,
         metadata=_bundle_metadata(entry),
+        recorded_outputs=_recorded_outputs(entry) if recorded else None,
     )
     return export_source(source, out, options)
+
+
+def member_hashes(bundle: Path) -> dict[str, str]:
+    """sha256 of every member of a bundle zip, in the zip's order."""
+    with zipfile.ZipFile(bundle) as archive:
+        return {name: hashlib.sha256(archive.read(name)).hexdigest() for name in archive.namelist()}
+
+
+def _build_and_hash(
+    zoo_dir: Path, entry: ZooEntry, *, recorded: bool = True
+) -> tuple[ExportResult, dict[str, str]]:
+    """Build the entry's bundle in a scratch folder: the result and its members' sha256."""
+    with tempfile.TemporaryDirectory(prefix="twinvae-zoo-") as scratch:
+        out = Path(scratch) / f"{entry.name}.zip"
+        result = _build(zoo_dir, entry, out, overwrite=False, recorded=recorded)
+        return result, member_hashes(result.path)
+
+
+def _record_build(entry: ZooEntry, result: ExportResult, members: dict[str, str]) -> None:
+    # float32 -> float is exact and YAML writes floats so that they read back to the same bits
+    entry.test_outputs = {
+        key: [float(value) for value in values.reshape(-1)]
+        for key, values in result.test_outputs.items()
+    }
+    entry.members = members
+    entry.bundle_sha256 = result.sha256
+    entry.built_with = package_versions()
 
 
 def _stored_bytes(zoo_dir: Path, manifest: ZooManifest) -> int:
@@ -210,7 +263,7 @@ def add_entry(
             modality=modality,
             description=description,
             recipe=recipe or f"config {source.config.name!r} (attached to the bundle)",
-            source_checkpoint=str(checkpoint),
+            source_checkpoint=portable_path(checkpoint),
             weights=f"{WEIGHTS_DIR}/{weights.name}",
             weights_sha256=sha256_file(weights),
             config=f"{WEIGHTS_DIR}/{config_path.name}",
@@ -225,8 +278,10 @@ def add_entry(
             license=license_id,
             version=version,
             timestamp=resolve_timestamp(timestamp),
+            # placeholders until the first build: it computes and records them
+            test_outputs={"count": [0.0]},
+            members={"rdf.yaml": "0" * 64},
             bundle_sha256="0" * 64,
-            built_with=package_versions(),
         )
         others = [e for e in manifest.models if e.name != name]
         candidate = ZooManifest(models=[*others, entry])
@@ -236,9 +291,7 @@ def add_entry(
                 f"stored weights would total {size / 2**20:.1f} MiB, over the "
                 f"{MAX_WEIGHTS_BYTES / 2**20:.0f} MiB the zoo may commit"
             )
-        with tempfile.TemporaryDirectory(prefix="twinvae-zoo-") as scratch:
-            result = _build(zoo_dir, entry, Path(scratch) / f"{name}.zip", overwrite=False)
-        entry.bundle_sha256 = result.sha256
+        _record_build(entry, *_build_and_hash(zoo_dir, entry, recorded=False))
         save_manifest(zoo_dir, ZooManifest(models=[*others, entry]))
     except BaseException:
         if not existing:
@@ -259,42 +312,90 @@ class EntryCheck:
     seconds: float = 0.0
 
 
+def _changed_packages(entry: ZooEntry) -> dict[str, tuple[str | None, str]]:
+    return {
+        package: (entry.built_with.get(package), version)
+        for package, version in package_versions().items()
+        if entry.built_with.get(package) != version
+    }
+
+
+SHOWN_HASH_DIGITS = 16
+"""Leading hex digits of a member's sha256 in check messages (enough to tell them apart)."""
+
+
+def _member_differences(recorded: dict[str, str], built: dict[str, str]) -> list[str]:
+    """'NAME (sha256 BUILT..., the manifest records RECORDED...)' for every member that differs."""
+    differences = []
+    for name in sorted(recorded.keys() | built.keys()):
+        new, old = built.get(name), recorded.get(name)
+        if new == old:
+            continue
+        if new is None:
+            differences.append(f"{name} (missing from the rebuilt bundle)")
+        elif old is None:
+            differences.append(f"{name} (not in the manifest)")
+        else:
+            differences.append(
+                f"{name} (sha256 {new[:SHOWN_HASH_DIGITS]}..., the manifest records "
+                f"{old[:SHOWN_HASH_DIGITS]}...)"
+            )
+    return differences
+
+
 def check_entry(zoo_dir: Path, entry: ZooEntry) -> EntryCheck:
-    """Stored files match, the rebuilt bundle validates, and its hash is the recorded one
-    (a different hash is a warning when package versions differ from `built_with`)."""
-    start = datetime.now(UTC)
-    warnings: list[str] = []
+    """Stored files match, the rebuilt bundle validates, its test outputs agree with the
+    recorded ones within tolerance, and its members and hash are the recorded ones (changed
+    members are a warning when package versions differ from `built_with`)."""
+    start = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="twinvae-zoo-check-") as scratch:
-            result = _build(zoo_dir, entry, Path(scratch) / f"{entry.name}.zip", overwrite=False)
+        result, members = _build_and_hash(zoo_dir, entry)
     except TwinVAEError as error:
-        return EntryCheck(entry.name, False, str(error))
-    seconds = (datetime.now(UTC) - start).total_seconds()
-    if result.sha256 != entry.bundle_sha256:
-        changed = {
-            package: (entry.built_with.get(package), version)
-            for package, version in package_versions().items()
-            if entry.built_with.get(package) != version
-        }
+        return EntryCheck(entry.name, False, str(error), seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    outputs = "; ".join(c.describe() for c in result.output_comparisons)
+    warnings: list[str] = []
+    differences = _member_differences(entry.members, members)
+    if differences or result.sha256 != entry.bundle_sha256:
+        what = (
+            ", ".join(differences)
+            if differences
+            else f"its zip bytes (sha256 {result.sha256}, the manifest records "
+            f"{entry.bundle_sha256}; every member is the recorded one)"
+        )
+        changed = _changed_packages(entry)
         if not changed:
             return EntryCheck(
                 entry.name,
                 False,
-                f"rebuilt bundle has sha256 {result.sha256}, the manifest says "
-                f"{entry.bundle_sha256} with the same package versions (not reproducible)",
+                f"rebuilt bundle differs from the manifest in {what} with the same package "
+                f"versions (not reproducible); {outputs}",
                 seconds=seconds,
             )
         warnings.append(
-            "bundle sha256 differs from the manifest; package versions changed: "
+            f"rebuilt bundle differs from the manifest in {what}; package versions changed: "
             + ", ".join(f"{p} {old} -> {new}" for p, (old, new) in sorted(changed.items()))
         )
+    same = "" if warnings else f", all {len(members)} members as recorded"
     return EntryCheck(
         entry.name,
         True,
-        f"weights verified, bundle valid ({len(result.report.checks)} checks)",
+        f"weights verified, bundle valid ({len(result.report.checks)} checks){same}; {outputs}",
         warnings=warnings,
         seconds=seconds,
     )
+
+
+def record_entry(zoo_dir: Path, name: str) -> ZooEntry:
+    """Rebuild NAME and record the bundle it gives now (member sha256, bundle sha256, package
+    versions) in the manifest, after an intended change of the bundle (a new twinvae, torch or
+    onnx version). The recorded test outputs stay: a rebuild that does not reproduce them within
+    tolerance fails, and a model whose outputs changed must be added again."""
+    manifest = load_manifest(zoo_dir)
+    entry = manifest.get(name)
+    _record_build(entry, *_build_and_hash(zoo_dir, entry))
+    save_manifest(zoo_dir, manifest)
+    return entry
 
 
 def check_zoo(zoo_dir: Path) -> list[EntryCheck]:
