@@ -30,6 +30,12 @@ def _cho_k1_location() -> Path:
     return Path(__file__).resolve().parents[2] / "shared/data/cho-k1"
 
 
+# The development checkout keeps the data beside the project (../shared/data/cho-k1): tests that
+# run twinvae on builtin configs find it there without set-up, as users do via TWINVAE_CHO_K1.
+if not os.environ.get("TWINVAE_CHO_K1") and _cho_k1_location().is_dir():
+    os.environ["TWINVAE_CHO_K1"] = str(_cho_k1_location())
+
+
 @pytest.fixture
 def cho_k1_root() -> Path:
     """The real CHO-K1 data folder (holding bf/ and pc/); skips the test when it is absent."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,9 @@ def test_wrong_size_names_file_and_both_sizes(tmp_path: Path, write_image: Image
         read_grey_image(path)
     message = str(error.value)
     assert str(path) in message and "100x90" in message and "128x128" in message
+    # the hint names options that exist: the commands' --resize and the config key
+    assert "--resize" in message and "data.resize=true" in message
+    assert "resize option" not in message
 
 
 def test_resize_option_rescales_with_antialiasing(tmp_path: Path, write_image: ImageWriter) -> None:
@@ -504,3 +509,48 @@ def test_reads_what_the_writer_writes(tmp_path: Path) -> None:
     assert read_back.names == original.names
     assert read_back.counts.tolist() == [0, 2, 0, 30]
     np.testing.assert_array_equal(read_back.images, original.images)
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def test_readers_and_writer_report_progress_through_the_installed_display(
+    tmp_path: Path, make_image_folder: FolderMaker
+) -> None:
+    """The data layer reports through twinvae.progress, so any front end can show it."""
+    from twinvae.data.imageset import ImageSet
+    from twinvae.data.writer import write_image_folder
+    from twinvae.progress import use_display
+
+    opened: list[tuple[str, int | None]] = []
+    steps: list[int] = []
+
+    class Recorder:
+        def advance(self, count: int = 1) -> None:
+            steps.append(count)
+
+        def describe(self, description: str) -> None:
+            pass
+
+    @contextmanager
+    def display(description: str, total: int | None) -> Iterator[Recorder]:
+        opened.append((description, total))
+        yield Recorder()
+
+    folder = make_image_folder(["a.png", "b.png", "c.png"])
+    with use_display(display):
+        read_image_folder(folder, progress=True)
+        assert opened == [(f"Reading {folder.parent.name}/{folder.name}", 3)]
+        assert sum(steps) == 3
+        images = ImageSet(np.zeros((2, 8, 8), np.uint8), np.array([1, 0]), ["x.png", "y.png"])
+        write_image_folder(images, tmp_path / "written", progress=True)
+        read_image_folder(folder, progress=False)  # silent: opens no bar
+    assert len(opened) == 2 and opened[1][1] == 2
+    assert sum(steps) == 5
+
+
+def test_data_layer_never_imports_the_cli() -> None:
+    """Library code must not depend on the command line (rich, typer, twinvae.cli)."""
+    folder = Path(readers.__file__).parent
+    for module in sorted(folder.glob("*.py")):
+        assert "twinvae.cli" not in module.read_text(encoding="utf-8"), module.name

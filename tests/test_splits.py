@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,14 @@ from twinvae.data.setnames import (
     parse_set_name,
     resolve_set_name,
 )
-from twinvae.data.splits import group_ids, parse_chamber, parse_frame, split_by_chamber
-from twinvae.errors import ConfigError, DataError
+from twinvae.data.splits import (
+    choose_group_by,
+    group_ids,
+    parse_chamber,
+    parse_frame,
+    split_by_chamber,
+)
+from twinvae.errors import ConfigError, DataError, TwinVAEWarning
 
 # --- chamber names ---------------------------------------------------------------------------
 
@@ -44,8 +51,10 @@ def test_same_position_in_other_experiment_is_another_chamber() -> None:
 def test_names_without_the_pattern() -> None:
     with pytest.raises(DataError, match=r"cell_007\.png: cannot tell its chamber"):
         parse_chamber("cell_007.png")
-    with pytest.raises(DataError, match="group_by='file'"):
+    with pytest.raises(DataError) as error:
         group_ids(["a.png", "b.png"])
+    assert "--set data.split_by=file" in str(error.value)  # the config key that exists
+    assert "group_by" not in str(error.value)
     assert group_ids(["a.png", "b.png"], group_by="file") == ["a.png", "b.png"]
     with pytest.raises(ConfigError, match="group_by"):
         group_ids(["a.png"], group_by="frame")  # type: ignore[arg-type]
@@ -123,6 +132,36 @@ def test_split_errors() -> None:
         split_by_chamber(_image_set([("a.png", 1), ("b.png", 2)]))
 
 
+def _generic_folder(make_image_folder: FolderMaker, names: list[str]) -> Path:
+    return make_image_folder(names, {name: index % 5 for index, name in enumerate(names)})
+
+
+def test_generic_folder_without_chambers_is_split_by_file_with_a_message(
+    make_image_folder: FolderMaker,
+) -> None:
+    from twinvae.config import DataConfig
+    from twinvae.training.data import prepare_data
+
+    folder = _generic_folder(make_image_folder, [f"cell{i:02d}.png" for i in range(20)])
+    config = DataConfig(natural=str(folder), natural_only=True, val_fraction=0.25)
+    with pytest.warns(TwinVAEWarning, match=r"cell00\.png.*data\.split_by=file"):
+        data = prepare_data(config, seed=0)
+    assert len(data.natural_train) + len(data.natural_val) == 20
+    assert data.natural_val.labelled.any()
+
+
+def test_choose_group_by_keeps_chambers_where_there_are_any() -> None:
+    chambered = [name for name, _ in chamber_rows(chambers=2, frames=2)]
+    plain = ["a.png", "b.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no message in these cases
+        assert choose_group_by(chambered, "chamber", generic_folder=True) == "chamber"
+        assert choose_group_by(plain, "chamber", generic_folder=False) == "chamber"
+        assert choose_group_by(plain, "file", generic_folder=True) == "file"
+    with pytest.warns(TwinVAEWarning, match="cut by file"):
+        assert choose_group_by(plain, "chamber", generic_folder=True, source="x") == "file"
+
+
 def test_split_by_file_fallback() -> None:
     rows = [(f"cell{i:02d}.png", i % 4) for i in range(20)]
     train, val = split_by_chamber(_image_set(rows), val_fraction=0.25, seed=0, group_by="file")
@@ -154,7 +193,9 @@ def test_bad_set_names_list_the_valid_ones(bad: str) -> None:
         parse_set_name(bad)
 
 
-def test_resolve_natural_set_names(make_cho_k1_tree: FolderMaker) -> None:
+def test_resolve_natural_set_names(
+    make_cho_k1_tree: FolderMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = chamber_rows(chambers=2, frames=3, labelled_every=2)
     root = make_cho_k1_tree(rows, modality="pc", split="test")
     labelled = resolve_set_name("Nat-PC-L-Te", root)
@@ -164,8 +205,11 @@ def test_resolve_natural_set_names(make_cho_k1_tree: FolderMaker) -> None:
     assert labelled.source.startswith("Nat-PC-L-Te")
     with pytest.raises(DataError, match=r"train\.csv"):
         resolve_set_name("Nat-PC-L-Tr", root)
-    with pytest.raises(ConfigError, match="needs the CHO-K1 data folder"):
+    monkeypatch.delenv("TWINVAE_CHO_K1", raising=False)
+    with pytest.raises(ConfigError, match="Nat-BF-L-Tr needs the CHO-K1 data folder"):
         resolve_set_name("Nat-BF-L-Tr", None)
+    monkeypatch.setenv("TWINVAE_CHO_K1", str(root))  # None: the folder $TWINVAE_CHO_K1 names
+    assert len(resolve_set_name("Nat-PC-L-Te", None)) == len(labelled)
 
 
 def test_resolve_synthetic_set_names() -> None:

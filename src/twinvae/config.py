@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from twinvae.data.cho_k1 import REFERENCE_PREFIX, resolve_reference
 from twinvae.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -43,7 +56,9 @@ class DataConfig(_Strict):
     natural: str | None = Field(
         None,
         description="natural images: a CHO-K1 modality folder (with train.csv), a CSV file, "
-        "a generic folder (images + counts.csv), or None for natural-looking generated images",
+        "a generic folder (images + counts.csv), or None for natural-looking generated images; "
+        f"'{REFERENCE_PREFIX}pc' is the pc folder of the CHO-K1 data set (--data-root or "
+        "$TWINVAE_CHO_K1), replaced by its path when the config is loaded",
     )
     modality: Literal["bf", "pc"] = "pc"
     natural_split: Literal["train", "test"] = "train"
@@ -84,6 +99,15 @@ class DataConfig(_Strict):
         description="share of labelled images in every natural batch (None = as sampled)",
     )
     max_count: int = Field(30, ge=1)
+
+    @field_validator("natural")
+    @classmethod
+    def _resolve_cho_k1(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A ``cho-k1:...`` reference becomes the real path (the run's config records it)."""
+        if value is None:
+            return None
+        context = info.context if isinstance(info.context, dict) else {}
+        return resolve_reference(value, context.get("data_root"), what="data.natural")
 
 
 class LossConfig(_Strict):
@@ -253,8 +277,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(source: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config file, or a builtin config by name, and apply overrides."""
+def load_config(
+    source: str | Path,
+    overrides: list[str] | None = None,
+    data_root: Path | str | None = None,
+) -> ExperimentConfig:
+    """Load a YAML config file, or a builtin config by name, and apply ``--set`` overrides.
+
+    ``data_root`` is the CHO-K1 folder that ``cho-k1:...`` references point into (default:
+    ``$TWINVAE_CHO_K1``).
+    """
     path = Path(source)
     if not path.is_file():
         builtin = CONFIG_DIR / f"{source}.yaml"
@@ -270,15 +302,97 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Exper
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...)")
-    return config_from_dict(apply_overrides(data, overrides or []), origin=str(path))
+    overrides = overrides or []
+    return config_from_dict(
+        apply_overrides(data, overrides), origin=str(path), overrides=overrides, data_root=data_root
+    )
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "config") -> ExperimentConfig:
-    """Validate a config dict; errors name every offending key."""
+def config_from_dict(
+    data: dict[str, Any],
+    origin: str = "config",
+    *,
+    overrides: Sequence[str] = (),
+    override_label: str = "--set",
+    data_root: Path | str | None = None,
+) -> ExperimentConfig:
+    """Validate a config dict; errors name every offending key.
+
+    ``overrides`` (already applied to ``data``) are only used to blame the override, not
+    ``origin``, for the errors of the keys they set.
+    """
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context={"data_root": data_root})
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{origin}: invalid config: {problems}") from error
+        raise ConfigError(_describe_errors(error, origin, overrides, override_label)) from error
+
+
+def _describe_errors(
+    error: ValidationError, origin: str, overrides: Sequence[str], override_label: str
+) -> str:
+    override_keys = [(_parse_override(item)[0], item) for item in overrides]
+    by_override: dict[str, list[str]] = {}
+    of_origin: list[str] = []
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"]]
+        dotted = ".".join(location)
+        if problem["type"] == "extra_forbidden":
+            text = f"{dotted}: unknown key{_key_hint(location)}"
+        else:
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            text = f"{dotted}: {message}" if dotted else message
+        blamed = _blamed_override(location, problem["type"] == "extra_forbidden", override_keys)
+        if blamed is None:
+            of_origin.append(text)
+        else:
+            by_override.setdefault(blamed, []).append(text)
+    parts = [f"{override_label} {item}: {'; '.join(texts)}" for item, texts in by_override.items()]
+    if of_origin:
+        parts.append(f"{origin}: invalid config: {'; '.join(of_origin)}")
+    return "; ".join(parts)
+
+
+def _blamed_override(
+    location: list[str], unknown_key: bool, override_keys: list[tuple[list[str], str]]
+) -> str | None:
+    """The last override that set this location (or a section holding it), or that brought in
+    an unknown section (``--set trian.epochs=2``)."""
+    for keys, item in reversed(override_keys):
+        if location[: len(keys)] == keys:
+            return item
+        if unknown_key and location and keys[: len(location)] == location:
+            return item
+    return None
+
+
+def _key_hint(location: list[str]) -> str:
+    """', did you mean train.epochs?' (difflib), or the keys the section does have."""
+    known = _section_keys(location[:-1])
+    if not known:
+        return ""
+    prefix = ".".join(location[:-1])
+    close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
+    if close:
+        return f", did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f"; {prefix or 'the config'} has {', '.join(known)}"
+
+
+def _section_keys(section: list[str]) -> list[str]:
+    """Field names of the config section at this location ([] when it is not a model)."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in section:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model of a field annotation such as ``TransferConfig | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            found = _model_in(member)
+            if found is not None:
+                return found
+    return None

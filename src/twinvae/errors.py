@@ -1,4 +1,8 @@
-"""Exceptions raised by twinvae; the CLI turns them into one readable line and exit code 1."""
+"""Exceptions and warnings of twinvae.
+
+The CLI turns the exceptions into one readable line and exit code 1, and shows the warnings
+(`TwinVAEWarning`) as one "Warning:" line each, without Python's source location.
+"""
 
 
 class TwinVAEError(Exception):
@@ -19,3 +23,11 @@ class CheckpointError(TwinVAEError):
 
 class ExportError(TwinVAEError):
     """A bundle could not be built or failed validation."""
+
+
+class TwinVAEWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. skipped inputs)."""
+
+
+class SkippedInputWarning(TwinVAEWarning):
+    """Inputs were skipped because of skip_bad=True; the message lists every one and why."""

@@ -22,6 +22,8 @@ import numpy as np
 import PIL
 import tifffile
 
+from twinvae.errors import TwinVAEWarning
+
 CACHE_FORMAT_VERSION = 1
 
 
@@ -102,4 +104,6 @@ def store_cached(cache_dir: Path, key: str, paths: Sequence[Path], decoded: Deco
     except OSError as error:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        warnings.warn(f"could not write the image cache in {cache_dir}: {error}", stacklevel=3)
+        warnings.warn(
+            TwinVAEWarning(f"could not write the image cache in {cache_dir}: {error}"), stacklevel=3
+        )

@@ -21,6 +21,8 @@ class ImageSet:
     images: (N, H, W) uint8, decoded once so that training never touches files per epoch.
     counts: (N,) int16; 0 means "not labelled" (every labelled image has >= 1 cell).
     names: one relative path (or generated name) per image.
+    time_points: (chamber, frame) per image where the data listed them (a `chamber,frame` column
+    pair in counts.csv), None per image or for the whole set = tell them from the file name.
     """
 
     images: np.ndarray
@@ -30,6 +32,7 @@ class ImageSet:
     modality: Modality | None = None
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    time_points: list[tuple[str, int] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 3:
@@ -42,6 +45,8 @@ class ImageSet:
                 f"{len(self.images)} images, {self.counts.shape[0]} counts and "
                 f"{len(self.names)} names do not match"
             )
+        if self.time_points is not None and len(self.time_points) != len(self.images):
+            raise ValueError(f"{len(self.time_points)} time points for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,6 +66,7 @@ class ImageSet:
             domain=self.domain,
             modality=self.modality,
             source=self.source,
+            time_points=None if self.time_points is None else [self.time_points[i] for i in index],
         )
 
     def labelled_only(self) -> ImageSet:
@@ -80,4 +86,7 @@ class ImageSet:
             domain=sets[0].domain,
             modality=sets[0].modality,
             source="+".join(s.source for s in sets if s.source),
+            time_points=None
+            if all(s.time_points is None for s in sets)
+            else [p for s in sets for p in (s.time_points or [None] * len(s))],
         )

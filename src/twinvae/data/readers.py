@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +29,8 @@ from PIL import Image, ImageFile
 from twinvae.data.cache import DecodedImages, cache_key, load_cached, store_cached
 from twinvae.data.imageset import IMAGE_SIZE, MAX_COUNT, Domain, ImageSet, Modality
 from twinvae.data.splits import count_chambers
-from twinvae.errors import ConfigError, DataError
+from twinvae.errors import ConfigError, DataError, SkippedInputWarning
+from twinvae.progress import bar
 
 Split = Literal["train", "test"]
 MODALITIES: tuple[Modality, ...] = ("bf", "pc")
@@ -40,10 +41,6 @@ COUNTS_CSV = "counts.csv"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
-
-
-class SkippedInputWarning(UserWarning):
-    """Inputs were skipped because of skip_bad=True; the message lists every one and why."""
 
 
 class _ImageError(Exception):
@@ -113,8 +110,8 @@ def _decode_grey(path: Path, size: int, resize: bool) -> np.ndarray:
         if not resize:
             height, width = grey.shape
             raise _ImageError(
-                f"image is {width}x{height} pixels, expected {size}x{size} "
-                "(use the resize option to rescale)"
+                f"image is {width}x{height} pixels, expected {size}x{size}; to rescale it, pass "
+                "--resize (training: --set data.resize=true; Python: resize=True)"
             )
         resized = Image.fromarray(grey).resize((size, size), Image.Resampling.LANCZOS)
         grey = np.asarray(resized, dtype=np.uint8)
@@ -200,18 +197,6 @@ def _try_decode(path: Path, size: int, resize: bool) -> np.ndarray | str:
         return str(problem)
 
 
-@contextmanager
-def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    if not enabled:
-        yield lambda: None
-        return
-    from twinvae.cli.common import make_progress
-
-    with make_progress(enabled) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
-
-
 def decode_images(
     paths: Sequence[Path],
     *,
@@ -240,7 +225,7 @@ def decode_images(
     with (
         _strict_truncation(),
         ThreadPoolExecutor(max_workers=workers) as pool,
-        _progress_bar(progress, description, len(paths)) as advance,
+        bar(description, len(paths), progress) as task,
     ):
         results = pool.map(_try_decode, paths, repeat(size), repeat(resize))
         for index, result in enumerate(results):
@@ -252,7 +237,7 @@ def decode_images(
                     break
             else:
                 images[index] = result
-            advance()
+            task.advance()
     decoded = DecodedImages(images=images, reasons=reasons)
     if cache_dir is not None and key is not None and complete:
         store_cached(cache_dir, key, paths, decoded)
@@ -267,6 +252,7 @@ class _Row:
     name: str
     count: int
     line: int
+    time_point: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -297,15 +283,33 @@ def _csv_lines(csv_path: Path) -> list[tuple[int, list[str]]]:
 
 
 def _parse_count_rows(
-    csv_path: Path, row_format: str, max_count: int, skip_bad: bool, skipped: list[str]
+    csv_path: Path,
+    row_format: str,
+    max_count: int,
+    skip_bad: bool,
+    skipped: list[str],
+    time_columns: bool = False,
 ) -> list[_Row]:
-    """Rows "name,count" (an optional first line "...,count" is a header); bad rows raise/skip."""
+    """Rows "name,count" (an optional first line "...,count" is a header); bad rows raise/skip.
+
+    With ``time_columns``, a header "...,count,chamber,frame" announces rows that also give
+    each image's chamber and frame (time point).
+    """
     rows: list[_Row] = []
     first_line: dict[str, int] = {}
+    timed = False
     for position, (line, fields) in enumerate(_csv_lines(csv_path)):
-        if position == 0 and len(fields) == 2 and fields[1].lower() == "count":
+        header = [field.lower() for field in fields]
+        if position == 0 and len(fields) == 2 and header[1] == "count":
             continue
-        problem = _row_problem(fields, max_count, first_line)
+        if position == 0 and time_columns and header[1:] == ["count", "chamber", "frame"]:
+            timed, row_format = True, f"{row_format},chamber,frame"
+            continue
+        point, problem = None, None
+        if timed:
+            point, problem = _time_columns(fields)
+            fields = fields[:2]
+        problem = problem or _row_problem(fields, max_count, first_line)
         if problem is not None:
             message = f"{csv_path}, line {line}: {problem}"
             if not skip_bad:
@@ -313,8 +317,20 @@ def _parse_count_rows(
             skipped.append(message)
             continue
         first_line[fields[0]] = line
-        rows.append(_Row(name=fields[0], count=int(fields[1]), line=line))
+        rows.append(_Row(name=fields[0], count=int(fields[1]), line=line, time_point=point))
     return rows
+
+
+def _time_columns(fields: list[str]) -> tuple[tuple[str, int] | None, str | None]:
+    """(chamber, frame) of a row "name,count,chamber,frame", or why it is malformed."""
+    if len(fields) != 4:
+        return None, f"malformed row with {len(fields)} field(s) {','.join(fields)!r}"
+    chamber, frame = fields[2], fields[3]
+    if not chamber:
+        return None, "malformed row: empty chamber"
+    if not frame.isdigit():
+        return None, f"malformed row: frame {frame!r} is not a whole number >= 0"
+    return (chamber, int(frame)), None
 
 
 def _row_problem(fields: list[str], max_count: int, first_line: dict[str, int]) -> str | None:
@@ -421,6 +437,12 @@ def modality_folder(root: Path, modality: Modality, split: Split) -> Path:
     )
 
 
+def list_count_csv(csv_path: Path | str, max_count: int = MAX_COUNT) -> list[tuple[str, int]]:
+    """The (relative path, count) rows of a CHO-K1 style CSV, checked, without reading images."""
+    rows = _parse_count_rows(Path(csv_path), "relative/path,count", max_count, False, [])
+    return [(row.name, row.count) for row in rows]
+
+
 def read_count_csv(
     csv_path: Path | str,
     *,
@@ -510,7 +532,8 @@ def read_image_folder(
 ) -> ImageSet:
     """Read every image of a folder plus optional counts.csv ("filename,count", header allowed).
 
-    Images missing from counts.csv are unlabelled (count 0).
+    Images missing from counts.csv are unlabelled (count 0). A header
+    "filename,count,chamber,frame" adds each listed image's chamber and frame (time point).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -523,10 +546,14 @@ def read_image_folder(
         )
     skipped: list[str] = []
     counts: dict[str, tuple[int, str]] = {}
+    time_points: dict[str, tuple[str, int]] = {}
     counts_csv = folder / COUNTS_CSV
     if counts_csv.exists():
         names = {path.name for path in images}
-        for row in _parse_count_rows(counts_csv, "filename,count", max_count, skip_bad, skipped):
+        rows = _parse_count_rows(
+            counts_csv, "filename,count", max_count, skip_bad, skipped, time_columns=True
+        )
+        for row in rows:
             if row.name not in names:
                 what = "no such file" if not (folder / row.name).exists() else "not an image"
                 message = (
@@ -538,8 +565,10 @@ def read_image_folder(
                 skipped.append(message)
                 continue
             counts[row.name] = (row.count, f"{counts_csv}, line {row.line}")
+            if row.time_point is not None:
+                time_points[row.name] = row.time_point
     entries = [_Entry(path.name, path, *counts.get(path.name, (0, None))) for path in images]
-    return _build_set(
+    image_set = _build_set(
         entries,
         source=str(folder),
         modality=modality,
@@ -551,6 +580,9 @@ def read_image_folder(
         cache_dir=cache_dir,
         progress=progress,
     )
+    if time_points:
+        image_set.time_points = [time_points.get(name) for name in image_set.names]
+    return image_set
 
 
 # --- dispatch --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from twinvae.data.cho_k1 import cho_k1_root
 from twinvae.data.imageset import Domain, ImageSet, Modality
 from twinvae.data.readers import Split, read_cho_k1
 from twinvae.errors import ConfigError
@@ -75,8 +76,9 @@ def resolve_set_name(
     """The image set a Table 1 name stands for.
 
     Nat-*: the labelled or unlabelled part of the CHO-K1 split under data_root (the folder
-    holding bf/ and pc/, or a modality folder). Syn-*: synthetic_count generated images; the Te
-    set uses seed + TEST_SEED_OFFSET so it never repeats the Tr images of the same seed.
+    holding bf/ and pc/, or a modality folder; None: $TWINVAE_CHO_K1). Syn-*: synthetic_count
+    generated images; the Te set uses seed + TEST_SEED_OFFSET so it never repeats the Tr images
+    of the same seed.
     """
     parsed = parse_set_name(name)
     if parsed.domain == "synthetic":
@@ -90,10 +92,8 @@ def resolve_set_name(
         )
         generated.source = str(parsed)
         return generated
-    if data_root is None:
-        raise ConfigError(f"{parsed} needs the CHO-K1 data folder (the one holding bf/ and pc/)")
     full = read_cho_k1(
-        Path(data_root),
+        cho_k1_root(data_root, needed_for=str(parsed)),
         parsed.modality,
         parsed.split,
         skip_bad=skip_bad,

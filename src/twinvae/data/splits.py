@@ -9,6 +9,7 @@ part (e.g. `nd015_cropKond__bottom_9t002c1.jpg`); then the experiment alone is t
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Literal
@@ -16,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from twinvae.data.imageset import ImageSet
-from twinvae.errors import ConfigError, DataError
+from twinvae.errors import ConfigError, DataError, TwinVAEWarning
 
 GroupBy = Literal["chamber", "file"]
 
@@ -29,9 +30,12 @@ _EXPECTED = (
 )
 
 
+def _stem(name: str) -> str:
+    return PurePath(name).name.rsplit(".", 1)[0]
+
+
 def _match(name: str) -> re.Match[str]:
-    stem = PurePath(name).name.rsplit(".", 1)[0]
-    match = _EXPORT_NAME.match(stem)
+    match = _EXPORT_NAME.match(_stem(name))
     if match is None:
         raise DataError(f"{name}: cannot tell its chamber from the file name; {_EXPECTED}")
     return match
@@ -49,6 +53,25 @@ def parse_frame(name: str) -> int:
     return int(_match(name)["frame"])
 
 
+def time_point(name: str) -> tuple[str, int] | None:
+    """(chamber, frame) of a microscope export name, or None when the name does not follow it."""
+    match = _EXPORT_NAME.match(PurePath(name).name.rsplit(".", 1)[0])
+    if match is None:
+        return None
+    position = match["position"]
+    chamber = f"{match['experiment']}/xy{position}" if position else match["experiment"]
+    return chamber, int(match["frame"])
+
+
+def image_time_points(image_set: ImageSet) -> list[tuple[str, int] | None]:
+    """(chamber, frame) per image: as the data listed it, else told from the file name."""
+    given = image_set.time_points or [None] * len(image_set)
+    return [
+        point if point is not None else time_point(name)
+        for point, name in zip(given, image_set.names, strict=True)
+    ]
+
+
 def group_ids(names: Sequence[str], group_by: GroupBy = "chamber") -> list[str]:
     """One group id per name: its chamber, or the name itself for group_by="file"."""
     if group_by == "file":
@@ -58,7 +81,9 @@ def group_ids(names: Sequence[str], group_by: GroupBy = "chamber") -> list[str]:
     try:
         return [parse_chamber(name) for name in names]
     except DataError as error:
-        raise DataError(f"{error} (or split with group_by='file')") from None
+        raise DataError(
+            f"{error}; or cut validation by file instead (--set data.split_by=file)"
+        ) from None
 
 
 def count_chambers(names: Sequence[str]) -> int | None:
@@ -67,6 +92,31 @@ def count_chambers(names: Sequence[str]) -> int | None:
         return len(set(group_ids(names)))
     except DataError:
         return None
+
+
+def choose_group_by(
+    names: Sequence[str], split_by: GroupBy, *, generic_folder: bool, source: str = ""
+) -> GroupBy:
+    """``split_by``, but "file" for a generic image folder whose names carry no chamber.
+
+    Such a folder has nothing to group by, so asking for chambers (the default) would only
+    fail; a TwinVAEWarning says that validation is cut by file instead. CHO-K1 layouts keep
+    failing: their names are meant to carry the chamber.
+    """
+    if split_by != "chamber" or not generic_folder:
+        return split_by
+    unmatched = next((name for name in names if _EXPORT_NAME.match(_stem(name)) is None), None)
+    if unmatched is None:
+        return split_by
+    warnings.warn(
+        TwinVAEWarning(
+            f"{source or 'image folder'}: file names such as {unmatched!r} carry no chamber "
+            "(<experiment>xy<position>t<frame>c<channel>), so validation is cut by file "
+            "(data.split_by=file); frames of one time-lapse may then land on both sides"
+        ),
+        stacklevel=2,
+    )
+    return "file"
 
 
 def split_by_chamber(

@@ -19,6 +19,7 @@ from PIL import Image
 
 from twinvae.data.imageset import ImageSet
 from twinvae.errors import DataError
+from twinvae.progress import track
 
 COUNTS_CSV = "counts.csv"
 _PNG_COMPRESS_LEVEL = 1
@@ -126,8 +127,6 @@ def write_image_folder(
     """
     writer = ImageFolderWriter(folder, overwrite=overwrite)
     if progress:
-        from twinvae.cli.common import track
-
         for index in track(range(len(image_set)), "writing PNGs", total=len(image_set)):
             writer.add(
                 image_set.names[index : index + 1],

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from twinvae.config import CONFIG_DIR, ExperimentConfig, apply_overrides, config_from_dict
+from twinvae.data.cho_k1 import cho_k1_root
 from twinvae.data.setnames import parse_set_name
 from twinvae.errors import ConfigError
 from twinvae.experiments.reference import PAPER_TABLE2
@@ -30,7 +31,6 @@ from twinvae.experiments.reference import PAPER_TABLE2
 PLAN_DIR = CONFIG_DIR / "plans"
 RowKind = Literal["train", "transfer", "watershed"]
 Modality = Literal["bf", "pc"]
-DEFAULT_DATA_ROOT = "../shared/data/cho-k1"
 _ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -127,9 +127,10 @@ class Plan(BaseModel):
 
     name: str = "experiments"
     description: str = ""
-    data_root: str = Field(
-        DEFAULT_DATA_ROOT,
-        description="CHO-K1 folder holding bf/ and pc/ (relative to where twinvae is run)",
+    data_root: str | None = Field(
+        None,
+        description="CHO-K1 folder holding bf/ and pc/ (relative to where twinvae is run); "
+        "default: --data-root, else $TWINVAE_CHO_K1",
     )
     overrides: list[str] = Field(
         default_factory=list, description="overrides applied to every train/transfer row first"
@@ -331,13 +332,24 @@ def _data_sections(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return sections
 
 
+def plan_data_root(plan: Plan, data_root: str | None = None) -> str:
+    """The CHO-K1 folder a plan runs on: ``data_root`` (--data-root), else the plan's
+    ``data_root``, else ``$TWINVAE_CHO_K1`` (an error says what to set when there is none)."""
+    if data_root is not None:
+        return data_root
+    if plan.data_root is not None:
+        return plan.data_root
+    return str(cho_k1_root(needed_for=f"plan {plan.name!r}"))
+
+
 def row_config(
     plan: Plan, row: PlanRow, data_root: str | None = None, extra: list[str] | None = None
 ) -> ExperimentConfig:
     """The config a train/transfer row runs with (before a transfer source is attached).
 
     The row's config file, then: name = row name, modality = the row's, every natural data
-    path pointed at <data_root>/<modality>, then plan overrides, ``extra``, row overrides.
+    path pointed at <data root>/<modality> (`plan_data_root`), then plan overrides, ``extra``,
+    row overrides.
     """
     if row.config is None:
         raise ConfigError(f"row {row.name!r} ({row.kind}) has no config")
@@ -355,13 +367,20 @@ def row_config(
                 )
         else:
             sections[0]["modality"] = row.modality
-    root = data_root if data_root is not None else plan.data_root
-    for section in sections:
-        if section.get("natural") is not None:
-            section["natural"] = str(Path(root) / section.get("modality", "pc"))
+    if any(section.get("natural") is not None for section in sections):
+        root = plan_data_root(plan, data_root)
+        for section in sections:
+            if section.get("natural") is not None:
+                section["natural"] = str(Path(root) / section.get("modality", "pc"))
     overrides = [*plan.overrides, *(extra or []), *row.overrides]
     apply_overrides(raw, overrides)
-    return config_from_dict(raw, origin=f"plan row {row.name!r} (config {location})")
+    return config_from_dict(
+        raw,
+        origin=f"plan row {row.name!r} (config {location})",
+        overrides=overrides,
+        override_label="override",
+        data_root=data_root if data_root is not None else plan.data_root,
+    )
 
 
 def final_modality(config: ExperimentConfig) -> Modality:
