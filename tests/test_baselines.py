@@ -14,7 +14,7 @@ from _experiment_data import render_cells, write_fake_cho_k1
 from twinvae.cli import experiment as experiment_cli
 from twinvae.data.imageset import ImageSet
 from twinvae.errors import ConfigError, DataError
-from twinvae.evaluation.metrics import count_metrics
+from twinvae.evaluation.metrics import count_metrics, paper_metrics
 from twinvae.experiments import baselines
 from twinvae.experiments.baselines import WatershedParams
 
@@ -128,7 +128,7 @@ def test_watershed_report_has_the_evaluate_layout(tmp_path: Path) -> None:
     )
     report = baselines.watershed_report(path, image_set)
     predicted = baselines.count_images(images, params)
-    assert report["overall"] == count_metrics(predicted, counts)
+    assert report["overall"] == paper_metrics(predicted, counts)
     assert report["model"] == str(path) and report["data"] == "rendered"
     assert [p["file"] for p in report["predictions"]] == [f"img{i}.png" for i in range(5)]
     assert set(report["per_count"]) == {str(c) for c in counts}

@@ -17,6 +17,7 @@ from _experiment_data import write_fake_cho_k1
 from twinvae.cli import experiment as experiment_cli
 from twinvae.config import load_config
 from twinvae.errors import CheckpointError, ConfigError, DataError
+from twinvae.evaluation.metrics import METRICS_FORMAT
 from twinvae.experiments import runner as runner_module
 from twinvae.experiments.plan import (
     builtin_plans,
@@ -155,7 +156,10 @@ def test_row_config_points_data_at_the_root_and_applies_overrides_in_order(tmp_p
         row_config(plan, plan.row("double"))
 
 
-def test_builtin_plans_validate_and_resolve() -> None:
+def test_builtin_plans_validate_and_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWINVAE_CHO_K1", str(tmp_path))  # builtin plans run on $TWINVAE_CHO_K1
     assert {"paper-table2", "smoke"} <= set(builtin_plans())
     for name in builtin_plans():
         plan = load_plan(name)
@@ -170,8 +174,11 @@ def test_builtin_plans_validate_and_resolve() -> None:
     assert order == ["twinvae-pc", "transfer-pc-to-bf", "double-transfer-pc-bf-pc"]
 
 
-def test_builtin_transfer_rows_match_their_source_model() -> None:
+def test_builtin_transfer_rows_match_their_source_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A transfer loads its source's weights: a model mismatch would only show after hours."""
+    monkeypatch.setenv("TWINVAE_CHO_K1", str(tmp_path))
     for name in builtin_plans():
         plan = load_plan(name)
         for row in plan.rows:
@@ -380,6 +387,8 @@ def test_end_to_end_results_hold_bundle_metrics_commands_and_hardware(
     ]
     nat = results["evaluations"][0]
     assert nat["n"] == 4
+    assert results["protocol"] == "paper-split" and nat["metrics_format"] == METRICS_FORMAT
+    assert nat["overall"]["mae"] == nat["mae"] and "mae_unrounded" in nat["overall"]
     assert nat["command"] == (
         f"twinvae evaluate {row / 'tiny-pc.zip'} --data Nat-PC-L-Te --data-root {root} "
         f"--json {row / 'eval' / 'Nat-PC-L-Te.json'} --overwrite"

@@ -290,3 +290,14 @@ def test_pca_embedding_keeps_the_main_direction() -> None:
     points = figures.embed(codes, "pca")
     assert points.shape == (50, 2)
     assert abs(np.corrcoef(points[:, 0], codes[:, 0])[0, 1]) > 0.99
+
+
+def test_report_says_which_metric_definitions_each_row_uses(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    new = _entry("Nat-PC-L-Te", 0.5, 0.05, 0.6)
+    new["metrics_format"] = "twinvae-metrics/2"
+    _write_row(results, "new-pc", "pc", evaluations=[new])
+    _write_row(results, "old-pc", "pc", evaluations=[_entry("Nat-PC-L-Te", 0.5, 0.05, 0.6)])
+    markdown = build_report(results, tmp_path / "out", figures=False).markdown.read_text()
+    note = next(line for line in markdown.splitlines() if "Metric definitions" in line)
+    assert "rounded count" in note and "`old-pc`" in note and "`new-pc`" not in note

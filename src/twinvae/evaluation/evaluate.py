@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from twinvae.data.imageset import ImageSet
+from twinvae.data.splits import image_time_points
 from twinvae.errors import DataError
-from twinvae.evaluation.metrics import evaluation_report, round_counts
+from twinvae.evaluation.metrics import evaluation_report, growth_report, round_counts
 
 
 def is_bundle(path: Path) -> bool:
@@ -28,9 +29,9 @@ def predict_with_model(
 
         return predict_bundle_arrays(model_path, images)
     from twinvae.config import TrainConfig
+    from twinvae.evaluation.predict import predict_counts
     from twinvae.training.checkpoint import load_model
     from twinvae.training.device import setup_runtime
-    from twinvae.training.trainer import predict_counts
 
     model, _ = load_model(model_path)
     runtime = setup_runtime(TrainConfig(precision="fp32"))
@@ -50,14 +51,36 @@ def evaluate(
 
 
 def prediction_report(predictions: np.ndarray, labelled: ImageSet, model: str) -> dict[str, Any]:
-    """Metrics (overall, per count) and one row per image, for predictions on labelled images."""
+    """Metrics (overall, per count, growth per chamber) and one row per image (with its chamber
+    and frame where known), for predictions on labelled images."""
     report = evaluation_report(predictions, labelled.counts)
     report["model"] = model
     report["data"] = labelled.source
+    points = image_time_points(labelled)
+    chambers = [p[0] if p is not None else None for p in points]
+    frames = [p[1] if p is not None else None for p in points]
+    report["growth"] = (
+        growth_report(predictions, labelled.counts, chambers, frames)
+        if any(p is not None for p in points)
+        else None
+    )
     report["predictions"] = [
-        {"file": name, "count": int(true), "predicted": float(pred), "rounded": int(rounded)}
-        for name, true, pred, rounded in zip(
-            labelled.names, labelled.counts, predictions, round_counts(predictions), strict=True
+        {
+            "file": name,
+            "chamber": chamber,
+            "frame": frame,
+            "count": int(true),
+            "predicted": float(pred),
+            "rounded": int(rounded),
+        }
+        for name, chamber, frame, true, pred, rounded in zip(
+            labelled.names,
+            chambers,
+            frames,
+            labelled.counts,
+            predictions,
+            round_counts(predictions),
+            strict=True,
         )
     ]
     return report

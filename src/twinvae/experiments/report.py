@@ -434,6 +434,27 @@ def _split_note(rows: list[RowResult]) -> str:
     )
 
 
+def definitions_note(rows: list[RowResult]) -> str:
+    """Which metric definitions the numbers use; names rows evaluated with the old ones."""
+    text = (
+        "**Metric definitions.** All rows are on the authors' test split (protocol "
+        "`paper-split`). MAE and MRE are of the rounded count and accuracy is the share of "
+        "images whose rounded count equals the label: the papers' definitions"
+    )
+    old = [
+        row.name
+        for row in rows
+        if any(entry.get("metrics_format") is None for entry in row.data.get("evaluations", []))
+    ]
+    if not old:
+        return text + "."
+    return text + (
+        f", except for {', '.join(f'`{name}`' for name in old)}: evaluated before these "
+        "definitions, their MAE and MRE are of the unrounded prediction (run the row again to "
+        "compare like with like)."
+    )
+
+
 def render_markdown(
     rows: list[RowResult], figures: ReportFigures, generated: str, notes: str | None = None
 ) -> str:
@@ -463,6 +484,8 @@ def render_markdown(
         f"Paper times are on {PAPER_HARDWARE}; ours on: " + "; ".join(hardware) + ". "
         "MRE and accuracy in percent. Training time is the sum of the `seconds` column of the "
         "runs' metrics.csv (training steps only, without validation).",
+        "",
+        definitions_note(rows),
         "",
         "## Notes",
         "",

@@ -40,6 +40,7 @@ from twinvae.experiments.plan import (
     default_test_sets,
     execution_order,
     final_modality,
+    plan_data_root,
     row_config,
 )
 from twinvae.fileio import atomic_writer, sha256_file
@@ -272,9 +273,12 @@ def evaluate_command(
 
 def _clear_unstarted(run_dir: Path, log: Log) -> None:
     """Remove what a run killed before its first checkpoint left behind (its own files only)."""
+    from twinvae.training.run_dir import LOCK_NAME
+
     if not run_dir.exists():
         return
-    leftovers = [p for p in run_dir.iterdir()]
+    # the lock file is the run folder's own (RunDirectory): never removed here
+    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     ours = {"config.yaml", "metrics.csv"}
     foreign = [
         p.name
@@ -322,7 +326,7 @@ def train_stage(
     train(config, run_dir, progress=progress)
 
 
-def _stage_status(run_dir: Path, wanted: ExperimentConfig | None = None) -> str:
+def stage_status(run_dir: Path, wanted: ExperimentConfig | None = None) -> str:
     """ "new run", "resume at epoch k/n", "complete (...)" or why the run cannot be used."""
     from twinvae.training.checkpoint import load_checkpoint
 
@@ -473,6 +477,9 @@ def _evaluation_entry(
         "mae": overall["mae"],
         "mre": overall["mre"],
         "accuracy": overall["accuracy"],
+        "overall": overall,
+        "metrics_format": report.get("metrics_format"),
+        "growth": (report.get("growth") or {}).get("summary"),
         "per_count": report["per_count"],
         "command": command,
         "json": str(json_path),
@@ -576,6 +583,7 @@ def _base_results(
 ) -> dict[str, Any]:
     return {
         "format": RESULT_FORMAT,
+        "protocol": "paper-split",
         "name": row.name,
         "kind": row.kind,
         "modality": modality,
@@ -628,9 +636,9 @@ def run_model_row(ctx: RunContext, row: PlanRow, dry_run: bool = False) -> RowOu
             source = _source_checkpoint(ctx, row)
             wanted = _transfer_config(config, source) if source.is_file() else None
         actions = [
-            f"{stage_dirs[0].relative_to(paths.root)}: {_stage_status(stage_dirs[0], wanted)}"
+            f"{stage_dirs[0].relative_to(paths.root)}: {stage_status(stage_dirs[0], wanted)}"
         ]
-        actions += [f"{d.relative_to(paths.root)}: {_stage_status(d)}" for d in stage_dirs[1:]]
+        actions += [f"{d.relative_to(paths.root)}: {stage_status(d)}" for d in stage_dirs[1:]]
         if row.kind == "transfer":
             actions.insert(0, f"transfer from {_source_checkpoint(ctx, row)}")
         actions += [f"export {paths.bundle}", f"evaluate on {', '.join(sets)}"]
@@ -842,7 +850,7 @@ def run_plan(
     ctx = RunContext(
         plan=plan,
         out=Path(out),
-        data_root=data_root if data_root is not None else plan.data_root,
+        data_root=plan_data_root(plan, data_root),
         overrides=list(overrides or []),
         progress=progress,
         log=log,
