@@ -32,7 +32,8 @@ def test_demo_makes_every_artifact(tmp_path: Path) -> None:
     }
     with (out / "counts.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    assert len(rows) == 160 and set(rows[0]) == {"file", "count", "count_rounded"}
+    assert len(rows) == 160
+    assert set(rows[0]) == {"file", "count", "count_rounded", "chamber", "frame"}
     with zipfile.ZipFile(out / "knime" / "TwinVAE_Count_Cells.knwf") as archive:
         names = archive.namelist()
     assert any(name.endswith("data/model.zip") for name in names)

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from twinvae.cli.common import console
+from twinvae.cli.common import OVERRIDE_METAVAR, console
 
 
 def demo_command(
@@ -22,7 +22,11 @@ def demo_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated data."),
     overrides: list[str] = typer.Option(
-        [], "--set", "-s", help="Override the quick-cpu training config, e.g. --set train.epochs=2."
+        [],
+        "--set",
+        "-s",
+        metavar=OVERRIDE_METAVAR,
+        help="Override the quick-cpu training config, e.g. --set train.epochs=2.",
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the output of an earlier demo in --out."
@@ -40,12 +44,15 @@ def demo_command(
         raise typer.BadParameter("expected pc or bf", param_hint="--modality")
     started = time.perf_counter()
 
+    # One line per step as it finishes, and no table of the same steps at the end.
     def report(step: DemoStep) -> None:
         console.print(
-            f"[green]✓[/] {step.name} ({step.seconds:.0f} s): {step.output}  {step.detail}"
+            f"[green]✓[/] {escape(step.name)} ({step.seconds:.0f} s): {escape(step.output)}  "
+            f"{escape(step.detail)}",
+            highlight=False,
         )
 
-    result = run_demo(
+    run_demo(
         out,
         modality=modality,
         seed=seed,
@@ -54,13 +61,10 @@ def demo_command(
         overrides=overrides,
         report=report,
     )
-    table = Table(title=f"twinvae demo: {out}")
-    for column in ("step", "output", "seconds", "result"):
-        table.add_column(column)
-    for step in result.steps:
-        table.add_row(step.name, step.output, f"{step.seconds:.1f}", step.detail)
-    console.print(table)
-    console.print(f"total {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    console.print(
+        f"demo done in {seconds:.0f} s; all output is in {escape(str(out))}", highlight=False
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from twinvae.cli.common import console, make_progress
+from twinvae.cli.common import OVERRIDE_METAVAR, console, make_progress
 from twinvae.errors import ConfigError, DataError, TwinVAEError
 
 watershed_app = typer.Typer(
@@ -30,7 +30,10 @@ def _log(message: str) -> None:
 def experiment_command(
     plan: str = typer.Argument(..., help=PLAN_HELP),
     only: list[str] = typer.Option(
-        [], "--only", help="Run only this row (and the rows it transfers from); repeatable."
+        [],
+        "--only",
+        metavar="ROW",
+        help="Run only this row (and the rows it transfers from); repeatable.",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Show the order and what each row would do; run nothing."
@@ -44,12 +47,14 @@ def experiment_command(
     data_root: str | None = typer.Option(
         None,
         "--data-root",
-        help="CHO-K1 folder holding bf/ and pc/ (default: the plan's data_root).",
+        help="CHO-K1 folder holding bf/ and pc/ (default: the plan's data_root, else "
+        "$TWINVAE_CHO_K1).",
     ),
     overrides: list[str] = typer.Option(
         [],
         "--set",
         "-s",
+        metavar=OVERRIDE_METAVAR,
         help="Override a config value in every train/transfer row, e.g. --set train.epochs=2.",
     ),
     report: bool = typer.Option(
@@ -141,8 +146,8 @@ def report_command(
 def watershed_tune_command(
     out: Path = typer.Option(..., "--out", "-o", help="JSON file for the tuned parameters."),
     modality: str = typer.Option(..., "--modality", "-m", help="bf or pc."),
-    data_root: Path = typer.Option(
-        Path("../shared/data/cho-k1"), "--data-root", help="CHO-K1 folder holding bf/ and pc/."
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="CHO-K1 folder holding bf/ and pc/ (default: $TWINVAE_CHO_K1)."
     ),
     grid: Path | None = typer.Option(
         None, "--grid", help="JSON object parameter -> list of values (default: builtin grid)."
@@ -152,6 +157,7 @@ def watershed_tune_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Grid-search the watershed parameters on the chamber-based validation split of train."""
+    from twinvae.data.cho_k1 import cho_k1_root
     from twinvae.experiments import baselines
 
     if modality not in ("bf", "pc"):
@@ -160,7 +166,8 @@ def watershed_tune_command(
         raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
     chosen = baselines.default_grid(modality) if grid is None else baselines.load_grid(grid)  # type: ignore[arg-type]
     candidates = baselines.expand_grid(chosen)
-    validation = baselines.validation_set(data_root, modality, val_fraction, split_seed)  # type: ignore[arg-type]
+    root = cho_k1_root(data_root)
+    validation = baselines.validation_set(root, modality, val_fraction, split_seed)  # type: ignore[arg-type]
     with make_progress() as bar:
         task = bar.add_task("tuning", total=len(candidates))
         result = baselines.tune_watershed(
@@ -176,7 +183,7 @@ def watershed_tune_command(
         grid=chosen,
         tuned_on={
             "data": validation.source,
-            "data_root": str(data_root),
+            "data_root": str(root),
             "split": f"chamber-based validation split of train (val_fraction {val_fraction}, "
             f"split_seed {split_seed})",
             "images": len(validation),
@@ -202,8 +209,10 @@ def watershed_evaluate_command(
     split: str = typer.Option(
         "test", "--split", help="train or test, for CHO-K1 modality folders."
     ),
-    data_root: Path = typer.Option(
-        Path("../shared/data/cho-k1"), "--data-root", help="Folder with bf/ and pc/, for set names."
+    data_root: Path | None = typer.Option(
+        None,
+        "--data-root",
+        help="Folder with bf/ and pc/, for set names (default: $TWINVAE_CHO_K1).",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
     overwrite: bool = typer.Option(
@@ -227,7 +236,7 @@ def watershed_evaluate_command(
         console.print(f"report written to {json_out}")
 
 
-def _load_set(data: str, split: str, data_root: Path):  # type: ignore[no-untyped-def]
+def _load_set(data: str, split: str, data_root: Path | None):  # type: ignore[no-untyped-def]
     from twinvae.data.readers import load_image_set
     from twinvae.data.setnames import resolve_set_name
 
@@ -239,7 +248,10 @@ def _load_set(data: str, split: str, data_root: Path):  # type: ignore[no-untype
 
 
 def register(app: typer.Typer) -> None:
-    """Add experiment, report and watershed to the main app."""
+    """Add experiment, report, watershed and protocol to the main app."""
+    from twinvae.cli.protocol import protocol_app
+
     app.command("experiment", help=experiment_command.__doc__)(experiment_command)
     app.command("report", help=report_command.__doc__)(report_command)
     app.add_typer(watershed_app, name="watershed")
+    app.add_typer(protocol_app, name="protocol")
