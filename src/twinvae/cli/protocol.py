@@ -1,4 +1,5 @@
-"""CLI commands: `twinvae protocol paper-split | chamber-cv | anchored | folds | summary`."""
+"""CLI commands: `twinvae protocol paper-split | chamber-cv | anchored | folds | summary |
+report`."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from twinvae.errors import ConfigError
 protocol_app = typer.Typer(
     help="Evaluation protocols: paper-split (the authors' split, comparable with the paper), "
     "chamber-cv (cross-validation by chamber: the number for new chambers) and anchored "
-    "(the authors' split, labelled training frames of the same chamber usable). "
-    "See docs/experiments.md.",
+    "(the authors' split, labelled training frames of the same chamber usable); summary and "
+    "report (RESULTS.md) of their results. See docs/experiments.md.",
     no_args_is_help=True,
 )
 
 METHOD_HELP = (
-    "predict-training-mean, nearest-label and interpolate-label (anchored only), watershed, or "
+    "predict-training-mean, nearest-label and interpolate-label (anchored only), watershed, "
     "a single-stage training config (builtin name such as cnn-baseline-pc, or a YAML file), "
-    "which is trained, exported and evaluated through its bundle."
+    "which is trained, exported and evaluated through its bundle, or bundle:PATH, a finished "
+    "bundle evaluated as it is (paper-split and anchored only; e.g. one built by `twinvae zoo "
+    "build`)."
 )
 OUT_HELP = "Results folder: OUT/<protocol>/<modality>/<method>/<fold-K|split>/result.json."
 
@@ -69,7 +72,10 @@ _OVERRIDES = typer.Option(
     help="Override a config value of a training method, e.g. train.epochs=2.",
 )
 _MODALITY = typer.Option(
-    None, "--modality", "-m", help="bf or pc (rules and watershed; a config has its own)."
+    None,
+    "--modality",
+    "-m",
+    help="bf or pc (rules and watershed; a config or a twinvae bundle has its own).",
 )
 _DATA_ROOT = typer.Option(
     None, "--data-root", help="CHO-K1 folder holding bf/ and pc/ (default: $TWINVAE_CHO_K1)."
@@ -264,6 +270,42 @@ def summary_command(
     if json_out is not None:
         json_out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
         console.print(f"summary written to {json_out}")
+
+
+@protocol_app.command("report")
+def report_command(
+    results: Path = typer.Argument(
+        ..., help="The --out folder of the protocol commands (or OUT/results, the copies)."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Folder for RESULTS.md, results.json, figures/ and results/ (e.g. model_zoo).",
+    ),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the PNG figures."),
+    notes: Path | None = typer.Option(
+        None, "--notes", help="Markdown file appended after the Notes section."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace RESULTS.md / results.json no report command wrote."
+    ),
+) -> None:
+    """RESULTS.md from the protocol results: per modality a table per protocol (chamber-cv
+    first, paper-split beside the paper's Table 2, anchored), figures, and the command of
+    every number. The result files are copied into OUT/results/ first (machine paths made
+    relative), so that `twinvae protocol report OUT/results --out OUT` makes it again."""
+    from twinvae.protocols.report import build_protocol_report
+
+    report = build_protocol_report(
+        results, out, figures=figures, notes=notes, overwrite=overwrite, log=_log
+    )
+    console.print(
+        f"{report.results} result(s): {report.markdown}, {report.summary}, "
+        f"{len(report.figures)} figure(s)"
+    )
+    for line in report.incomplete:
+        console.print(f"incomplete: {escape(line)}")
 
 
 SUMMARY_COLUMNS = (

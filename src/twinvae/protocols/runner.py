@@ -13,8 +13,10 @@ Protocols (`PROTOCOLS`):
 
 Methods: the image-free rules of `twinvae.protocols.rules` (``predict-training-mean``,
 ``nearest-label``, ``interpolate-label``), ``watershed`` (tuned on the chamber validation split
-of the training data) and any single-stage training config (e.g. ``cnn-baseline-pc``), which is
-trained, exported as a bundle, and evaluated through the bundle.
+of the training data), any single-stage training config (e.g. ``cnn-baseline-pc``), which is
+trained, exported as a bundle, and evaluated through the bundle, and ``bundle:PATH``, a finished
+bundle (e.g. a model of the zoo) evaluated as it is (paper-split and anchored only: it was
+trained on chambers a chamber-cv fold would hold out).
 
 Layout: ``OUT/<protocol>/<modality>/<method>/<fold-K | split>/`` holds ``result.json``,
 ``eval.json`` (the `twinvae evaluate` report), and for models ``run/``, ``model.zip`` and
@@ -70,9 +72,10 @@ RULES: dict[str, Callable[..., np.ndarray]] = {
 }
 ANCHOR_RULES = ("nearest-label", "interpolate-label")
 WATERSHED = "watershed"
+BUNDLE_PREFIX = "bundle:"
 RESULT_FORMAT = "twinvae-protocol-result/1"
 RESULT_FILE = "result.json"
-MethodKind = Literal["rule", "watershed", "model"]
+MethodKind = Literal["rule", "watershed", "model", "bundle"]
 Log = Callable[[str], None]
 
 
@@ -107,12 +110,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Method:
-    """What is evaluated: a rule, the watershed counter, or a training config."""
+    """What is evaluated: a rule, the watershed counter, a training config or a bundle."""
 
     name: str
     kind: MethodKind
     modality: Modality
     config: Path | None = None
+    bundle: Path | None = None
 
     def check_protocol(self, protocol: str) -> None:
         if protocol not in PROTOCOLS:
@@ -121,6 +125,13 @@ class Method:
             raise ConfigError(
                 f"method {self.name} predicts from labelled frames of the chamber being counted, "
                 "so it applies to the anchored protocol only"
+            )
+        if self.kind == "bundle" and protocol == "chamber-cv":
+            raise ConfigError(
+                f"method {BUNDLE_PREFIX}{self.bundle}: a finished model was trained on chambers "
+                "that the chamber-cv folds hold out; chamber-cv retrains a training config per "
+                "fold (e.g. --method cnn-baseline-pc), so evaluate bundles with paper-split or "
+                "anchored"
             )
 
 
@@ -142,10 +153,52 @@ def _raw_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def bundle_modality(bundle: Path) -> Modality | None:
+    """``data.modality`` of the config.yaml a twinvae bundle carries (None without one)."""
+    from twinvae.runtime.twinvae_bundle import BundleError, open_bundle
+
+    try:
+        with open_bundle(bundle) as files:
+            text = files.read("config.yaml") if "config.yaml" in files.names else None
+    except (BundleError, OSError) as error:
+        raise ConfigError(f"{bundle}: not a readable bioimage.io bundle ({error})") from None
+    try:
+        config = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        config = None
+    data = config.get("data") if isinstance(config, dict) else None
+    declared = data.get("modality") if isinstance(data, dict) else None
+    return declared if declared in ("bf", "pc") else None
+
+
+def _bundle_method(source: str, modality: str | None) -> Method:
+    path = Path(source[len(BUNDLE_PREFIX) :])
+    if not path.is_file():
+        raise ConfigError(
+            f"method {source}: {path} is not a file; give a bundle zip, e.g. one built with "
+            "`twinvae zoo build NAME --out DIR` (then --method bundle:DIR/NAME.zip)"
+        )
+    own = bundle_modality(path)
+    if own is None and modality is None:
+        raise ConfigError(
+            f"method {source}: the bundle names no modality (no data.modality in its "
+            "config.yaml); pass --modality bf or pc"
+        )
+    if own is not None and modality is not None and own != modality:
+        raise ConfigError(
+            f"method {source}: the bundle counts {own} images (its config.yaml), not {modality}; "
+            "leave out the modality"
+        )
+    return Method(path.stem, "bundle", own or modality, bundle=path)  # type: ignore[arg-type]
+
+
 def resolve_method(method: str, modality: str | None) -> Method:
-    """A rule or watershed (needs ``modality``) or a training config (its own modality)."""
+    """A rule or watershed (needs ``modality``), a training config or a bundle (their own
+    modality)."""
     if modality is not None and modality not in ("bf", "pc"):
         raise ConfigError(f"modality {modality!r}: expected bf or pc")
+    if method.startswith(BUNDLE_PREFIX):
+        return _bundle_method(method, modality)
     if method in RULES or method == WATERSHED:
         if modality is None:
             raise ConfigError(f"method {method} needs a modality (bf or pc)")
@@ -155,7 +208,7 @@ def resolve_method(method: str, modality: str | None) -> Method:
     if path is None:
         raise ConfigError(
             f"method {method!r} is neither {', '.join([*RULES, WATERSHED])} nor a config file or "
-            "builtin config (e.g. cnn-baseline-pc)"
+            f"builtin config (e.g. cnn-baseline-pc) nor {BUNDLE_PREFIX}PATH (a bundle zip)"
         )
     raw = _raw_config(path)
     if raw.get("transfer") is not None:
@@ -366,8 +419,11 @@ def protocol_command(unit: Unit, run: ProtocolRun) -> str:
     method = unit.method
     parts: list[str | Path] = ["twinvae", "protocol", unit.protocol, "--method"]
     builtin = method.config is not None and method.config.resolve().parent == CONFIG_DIR.resolve()
-    parts.append(method.name if method.config is None or builtin else method.config)
-    if method.kind != "model":
+    if method.kind == "bundle":
+        parts.append(f"{BUNDLE_PREFIX}{method.bundle}")
+    else:
+        parts.append(method.name if method.config is None or builtin else method.config)
+    if method.kind != "model":  # a config names its modality; for a bundle it is checked
         parts += ["--modality", method.modality]
     if unit.fold is not None:
         parts += ["--fold", str(unit.fold)]
@@ -621,6 +677,10 @@ def run_model_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> Pa
     from twinvae.training.checkpoint import load_checkpoint
 
     test = read_count_csv(unit.test_csv, modality=unit.method.modality)
+    if config.data.chamber_background != "off":  # the bundle counts normalised images
+        from twinvae.training.data import chamber_normalised
+
+        test = chamber_normalised(test, config.data.chamber_background)
     run.log(f"  {unit.label}: evaluating the bundle on {int(test.labelled.sum())} images")
     report = evaluate(unit.bundle, test)
     write_json(unit.eval_json, report)
@@ -683,9 +743,89 @@ def run_model_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> Pa
     return _finish(unit, payload, run.log)
 
 
+def zoo_entry_of(bundle: Path, bundle_sha256: str) -> dict[str, Any] | None:
+    """The entry of the project's model zoo whose ONNX weights (what `evaluate` runs) are the
+    bundle's; other members, e.g. rdf.yaml, change with the twinvae version that builds it."""
+    import hashlib
+
+    from twinvae.model_zoo.manifest import load_manifest
+    from twinvae.model_zoo.zoo import default_zoo_dir
+    from twinvae.runtime.twinvae_bundle import open_bundle, read_bundle_info
+
+    try:
+        manifest = load_manifest(default_zoo_dir())
+    except ConfigError:  # no zoo beside this installation: nothing to name
+        return None
+    with open_bundle(bundle) as files:
+        onnx_name = read_bundle_info(files).onnx_file
+        onnx_sha = hashlib.sha256(files.read(onnx_name)).hexdigest()
+    for entry in manifest.models:
+        if entry.members.get(onnx_name) == onnx_sha:
+            return {
+                "name": entry.name,
+                "recipe": entry.recipe,
+                "weights_onnx_sha256": onnx_sha,
+                "same_bundle_as_recorded": entry.bundle_sha256 == bundle_sha256,
+            }
+    return None
+
+
+def run_bundle_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> Path | None:
+    """Evaluate a finished bundle on the labelled test frames (nothing is trained)."""
+    from twinvae.data.readers import read_count_csv
+    from twinvae.evaluation.evaluate import evaluate
+
+    bundle = unit.method.bundle
+    assert bundle is not None
+    bundle_sha = sha256_file(bundle)
+    fingerprint = _fingerprint(unit, run, {"bundle_sha256": bundle_sha})
+    if _is_fresh(unit, fingerprint, {"bundle": bundle}):
+        run.log(f"  {unit.label}: up to date ({unit.result})")
+        return unit.result
+    if dry_run:
+        run.log(f"  {unit.label}: would evaluate {bundle} on {unit.test_csv}")
+        return None
+    started = time.perf_counter()
+    test = read_count_csv(unit.test_csv, modality=unit.method.modality)
+    run.log(f"  {unit.label}: evaluating {bundle} on {int(test.labelled.sum())} images")
+    report = evaluate(bundle, test)
+    write_json(unit.eval_json, report)
+    payload = _base_result(unit, run, report)
+    commands = {
+        "result": protocol_command(unit, run),
+        "evaluate": _command(
+            "twinvae",
+            "evaluate",
+            bundle,
+            "--data",
+            unit.test_csv,
+            "--json",
+            unit.eval_json,
+            "--overwrite",
+        ),
+    }
+    zoo_entry = zoo_entry_of(bundle, bundle_sha)
+    if zoo_entry is not None:  # how to make the same bundle again
+        commands["bundle"] = _command(
+            "twinvae", "zoo", "build", zoo_entry["name"], "--out", bundle.parent
+        )
+    payload.update(
+        {
+            "fingerprint": fingerprint,
+            "bundle": str(bundle),
+            "zoo_entry": zoo_entry,
+            "sha256": {"bundle": bundle_sha},
+            "commands": commands,
+            "runner_seconds": time.perf_counter() - started,
+        }
+    )
+    return _finish(unit, payload, run.log)
+
+
 def run_anchored_model(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> Path | None:
     """An image-only model counts without the anchors: its anchored result is its paper-split
-    result (trained or reused under the paper-split folder), recorded under anchored."""
+    result (trained, or for a bundle evaluated, or reused under the paper-split folder),
+    recorded under anchored."""
     source = Unit(
         "paper-split",
         unit.method,
@@ -696,7 +836,8 @@ def run_anchored_model(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -
         unit.train_frames,
         unit.test_frames,
     )
-    result = run_model_unit(source, run, dry_run=dry_run)
+    run_source = run_bundle_unit if unit.method.kind == "bundle" else run_model_unit
+    result = run_source(source, run, dry_run=dry_run)
     if result is None:
         return None
     payload = read_json(result)
@@ -745,6 +886,8 @@ def run_protocol(
             result = run_watershed_unit(unit, run, dry_run=dry_run)
         elif protocol == "anchored":
             result = run_anchored_model(unit, run, dry_run=dry_run)
+        elif method.kind == "bundle":
+            result = run_bundle_unit(unit, run, dry_run=dry_run)
         else:
             result = run_model_unit(unit, run, dry_run=dry_run)
         outcomes.append(UnitOutcome(unit, result, time.perf_counter() - started))
