@@ -6,6 +6,7 @@ import errno
 import fcntl
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,33 @@ def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     assert (run / LOCK_NAME).exists()  # the file stays, the lock does not
     with RunDirectory.resume(run) as resumed:
         assert resumed.last_checkpoint.read_bytes() == b"x"
+
+
+def test_a_terminated_command_cleans_up_like_an_interrupted_one(tmp_path: Path) -> None:
+    """`kill PID` (SIGTERM: timeout, batch schedulers) during the first epoch of a `twinvae`
+    command removes the run folder, as Ctrl-C does; it is no dead folder that neither a new
+    run nor --resume accepts."""
+    run = tmp_path / "runs" / "a"
+    command = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from pathlib import Path
+        import twinvae.cli.main as cli
+        from twinvae.training.run_dir import RunDirectory
+
+        def training_killed_in_its_first_epoch():
+            with RunDirectory.new(Path(sys.argv[1])) as run:
+                run.config_path.write_text("name: x\\n")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # as a training step would, until the signal stops it
+
+        cli.app = training_killed_in_its_first_epoch
+        cli.main()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", command, str(run)], check=False, timeout=60)
+    assert result.returncode == 128 + signal.SIGTERM
+    assert not (tmp_path / "runs").exists()
 
 
 def test_taking_the_lock_removes_stale_temporary_checkpoints(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""--skip-bad on train, transfer and evaluate, --resize on evaluate, and how skips are shown."""
+"""--skip-bad on train, transfer and evaluate, --resize on evaluate and predict, and how skips are
+shown."""
 
 from __future__ import annotations
 
@@ -160,6 +161,25 @@ def test_evaluate_resize(
     assert code == 1 and "64x64" in err and "--resize" in err
     code, err = _run(monkeypatch, capsys, "evaluate", checkpoint, "--data", folder, "--resize")
     assert code == 0, err
+
+
+def test_predict_names_resize_for_an_image_of_another_size(
+    make_image_folder: FolderMaker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from twinvae.knime.testkit import write_mean_intensity_bundle
+
+    bundle = write_mean_intensity_bundle(tmp_path / "model.zip")
+    folder = make_image_folder(["small.png"], size=64)
+    out = tmp_path / "counts.csv"
+    code, err = _run(monkeypatch, capsys, "predict", bundle, folder, "--out", out)
+    assert code == 1 and "64x64" in err and "--resize" in err  # the option that helps
+    assert not out.exists()
+    code, err = _run(monkeypatch, capsys, "predict", bundle, folder, "--out", out, "--resize")
+    assert code == 0, err
+    assert out.read_text(encoding="utf-8").count("small.png") == 1
 
 
 def test_plain_warnings_leave_other_warnings_alone(

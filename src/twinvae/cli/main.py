@@ -11,7 +11,7 @@ from twinvae import __version__
 from twinvae.cli import data, demo, experiment, export, knime, synth, train, zoo
 from twinvae.cli.common import HelpGroup, err_console, rich_display, use_help_group
 from twinvae.cli.notices import plain_warnings
-from twinvae.cli.process import keep_freed_memory
+from twinvae.cli.process import keep_freed_memory, sigterm_as_exit
 from twinvae.errors import TwinVAEError
 from twinvae.progress import use_display
 
@@ -59,7 +59,8 @@ def main() -> None:
     warnings become one "Warning:" message each."""
     keep_freed_memory()  # process-wide: the command's own process only, never library calls
     try:
-        with use_display(rich_display), plain_warnings():
+        # sigterm_as_exit: `kill PID` cleans up run folders as Ctrl-C does
+        with use_display(rich_display), plain_warnings(), sigterm_as_exit():
             app()  # standalone mode: usage errors are reported by typer itself (exit code 2)
     except TwinVAEError as error:
         # soft_wrap: the message stays one line (file names are not broken at the width)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
 _KEEP_BYTES = 1 << 30
@@ -37,3 +42,31 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = [mallopt(option, _KEEP_BYTES) for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
     return all(result == 1 for result in applied)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """While the block runs, SIGTERM (`kill PID`, `timeout`, batch schedulers) ends the command
+    as Ctrl-C does.
+
+    By default SIGTERM ends Python at once, so no clean-up runs: a run stopped before its
+    first checkpoint kept a folder that neither a new run nor --resume accepts. The handler
+    raises SystemExit (exit code 143) in the main thread instead, so open run folders are
+    cleaned up and unlocked on the way out; a second SIGTERM during that clean-up ends the
+    process at once. A SIGTERM that the parent set to be ignored (or handles) is left alone,
+    and the previous handler is back when the block ends.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
