@@ -1,9 +1,9 @@
 """Augmentation of whole batches on the training device, in one resampling pass.
 
-Flips, 90-degree rotations, small rotations, crop-and-resize and translation are combined into
-one affine transform per image and applied with a single ``grid_sample`` call; then zero-mean
-Gaussian noise is added (on the CPU by the fused kernel of ``twinvae.accel.cpu_kernels`` when
-it is built). Applied to training batches only.
+Flips, 90-degree rotations, small rotations, crop-and-resize (or zoom-out) and translation are
+combined into one affine transform per image and applied with a single ``grid_sample`` call;
+then zero-mean Gaussian noise is added (on the CPU by the fused kernel of
+``twinvae.accel.cpu_kernels`` when it is built). Applied to training batches only.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def augment_batch(
     if config.flips:
         flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
         flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    scale = uniform(config.crop_scale, 1.0)
+    zoom_out = config.zoom_out > 1.0
+    # the side of the window each image is resampled from: < 1 crops, > 1 zooms out
+    scale = uniform(config.crop_scale, config.zoom_out)
     # the crop window (side = scale) may sit anywhere inside the image
     shift_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - scale)
     shift_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - scale)
@@ -52,9 +54,17 @@ def augment_batch(
         dim=1,
     ).to(device=device, dtype=images.dtype)
     grid = affine_grid(theta, images.shape[-2], images.shape[-1])
-    out = F.grid_sample(
-        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
-    )
+    if zoom_out:
+        # outside the image lies a flat border of its median grey: reflection would mirror
+        # cells into it and change the count
+        fill = images.flatten(1).median(dim=1).values.view(n, 1, 1, 1)
+        out = F.grid_sample(
+            images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        ).add_(fill)
+    else:
+        out = F.grid_sample(
+            images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
     if config.noise_std > 0:
         # every image its own noise level in [0, noise_std]: with one fixed level the model only
         # ever sees noisy images and counts clean ones with a bias (measured -2.5 cells on
