@@ -29,6 +29,7 @@ from twinvae.experiments.plan import (
 from twinvae.experiments.runner import RowPaths, run_plan, train_stage
 from twinvae.models.twin_vae import TwinVAE
 from twinvae.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from twinvae.training.run_dir import RunDirectory, RunDirectoryInUseError
 
 TINY = [
     "model.base_channels=4",
@@ -271,6 +272,22 @@ def test_unstarted_run_folders_are_cleared_but_foreign_ones_refused(tmp_path: Pa
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"notes\.txt but no last\.pt"):
         runner_module._clear_unstarted(run_dir, messages.append)
+
+
+def test_clearing_an_unstarted_run_leaves_a_run_in_its_first_epoch_alone(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    training = RunDirectory.new(run_dir)  # a run before its first checkpoint holds the lock
+    messages: list[str] = []
+    try:
+        training.write_config(load_config("quick-cpu"))
+        written = training.config_path.read_text()
+        with pytest.raises(RunDirectoryInUseError, match=r"in use by another twinvae process"):
+            runner_module._clear_unstarted(run_dir, messages.append)
+        assert training.config_path.read_text() == written and not messages
+    finally:
+        training.close()
+    runner_module._clear_unstarted(run_dir, messages.append)  # released: now it is cleared
+    assert not any(run_dir.iterdir()) and "unfinished start" in messages[0]
 
 
 def test_transfer_rows_notice_a_retrained_source(tmp_path: Path) -> None:

@@ -327,6 +327,7 @@ def test_validate_accepts_the_exported_bundle(bundle: Path) -> None:
         "bioimageio format",
         "onnx",
         "agreement",
+        "full weights",
         "pytorch_state_dict weights",
         "prediction spread",
     ]

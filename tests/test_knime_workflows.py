@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -310,7 +311,7 @@ def test_each_workflow_ships_only_the_modules_its_nodes_use(built: Path) -> None
     expected = {
         builders.COUNT_WORKFLOW: {"twinvae_knime", "twinvae_bundle"},
         builders.GROWTH_WORKFLOW: {"twinvae_knime", "twinvae_bundle", "twinvae_growth"},
-        builders.FINETUNE_WORKFLOW: {"twinvae_knime", "twinvae_finetune"},
+        builders.FINETUNE_WORKFLOW: {"twinvae_knime", "twinvae_bundle", "twinvae_finetune"},
     }
     runtime_source = Path(twinvae_bundle.__file__).read_bytes()
     for name, modules in expected.items():
@@ -626,30 +627,24 @@ elif args[0] == "export":
     shutil.copy({bundle!r}, option("--out"))
 elif args[0] == "evaluate":
     print("evaluating " + args[1])
-    print(json.dumps({{"mae": 0.75, "n_images": 3, "per_count": {{"1": 0.5}}, "model": "x"}}))
+    report = {{"overall": {{"mae": 0.75, "n": 3}}, "per_count": {{"1": 0.5}}, "model": "x"}}
+    report["predictions"] = [{{"file": "a.png", "count": 1, "predicted": 1.2}}]
+    Path(option("--json")).write_text(json.dumps(report))
 else:
     sys.exit(2)
 """
 
 
-def test_finetune_workflow_runs_transfer_export_evaluate(built: Path, tmp_path: Path) -> None:
+def _finetune_copy(built: Path, tmp_path: Path) -> Path:
     workflow = tmp_path / builders.FINETUNE_WORKFLOW
     shutil.copytree(built / builders.FINETUNE_WORKFLOW, workflow)
-    calls = tmp_path / "calls.jsonl"
-    fake = tmp_path / "bin" / "twinvae"
-    fake.parent.mkdir()
-    bundle = str(built / builders.COUNT_WORKFLOW / "data" / "model.zip")
-    fake.write_text(FAKE_TWINVAE.format(python=sys.executable, calls=str(calls), bundle=bundle))
-    fake.chmod(0o755)
     for folder in ("new_labels", "heldout_labels"):
         (workflow / "data" / folder).mkdir()
-    (tmp_path / "model.pt").write_bytes(b"weights")
-    (tmp_path / "model.yaml").write_text("model: {}\n")
-    variables = variables_of(workflow) | {
-        "checkpoint": str(tmp_path / "model.pt"),
-        "config": str(tmp_path / "model.yaml"),
-        "twinvae_executable": str(fake),
-    }
+    return workflow
+
+
+def _run_finetune_nodes(workflow: Path, variables: dict[str, object]) -> tuple[Any, Any, Any]:
+    """Nodes 1 to 4 in turn: the plan, the final log, the metrics and the flow variables."""
     plan = run_node_script(
         script_of(workflow, 1), workflow, output_tables=1, flow_variables=variables
     ).output_tables[0]
@@ -666,18 +661,42 @@ def test_finetune_workflow_runs_transfer_export_evaluate(built: Path, tmp_path: 
         script_of(workflow, 4), workflow, [log], output_tables=2, flow_variables=variables
     )
     log, metrics = final.output_tables
-    assert log is not None and metrics is not None
-    assert set(log["status"]) == {"done"}
-    assert dict(zip(metrics["metric"], metrics["value"], strict=True))["mae"] == 0.75
-    assert "per_count.1" in list(metrics["metric"])
+    assert log is not None and metrics is not None and set(log["status"]) == {"done"}
+    return plan, metrics, final.flow_variables
+
+
+def test_finetune_workflow_runs_transfer_export_evaluate(built: Path, tmp_path: Path) -> None:
+    """The command lines, with a stand-in twinvae; the built bundle (a stand-in without the
+    whole Twin-VAE) is fine-tuned natural-only."""
+    workflow = _finetune_copy(built, tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "twinvae"
+    fake.parent.mkdir()
+    bundle = workflow / "data" / "model.zip"
+    assert (
+        bundle.read_bytes() == (built / builders.COUNT_WORKFLOW / "data" / "model.zip").read_bytes()
+    )
+    fake.write_text(
+        FAKE_TWINVAE.format(python=sys.executable, calls=str(calls), bundle=str(bundle))
+    )
+    fake.chmod(0o755)
+    variables = variables_of(workflow) | {
+        "twinvae_executable": str(fake),
+        "extra_settings": "train.epochs=3; train.batch_size=8",
+    }
+    _, metrics, flow_variables = _run_finetune_nodes(workflow, variables)
+    values = dict(zip(metrics["metric"], metrics["value"], strict=True))
+    assert values["overall.mae"] == 0.75 and "per_count.1" in values
+    assert not any(name.startswith("predictions") for name in values)
     new_bundle = workflow / "data" / "finetuned_model.zip"
-    assert final.flow_variables["new_bundle_path"] == str(new_bundle.resolve())
+    assert flow_variables["new_bundle_path"] == str(new_bundle.resolve())
     assert twinvae_bundle.read_bundle_info(new_bundle).input_size == (128, 128)
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     data = (workflow / "data").resolve()
     assert recorded[0] == [
-        "transfer", "--from", str(tmp_path / "model.pt"), "--config", str(tmp_path / "model.yaml"),
-        "--strategy", "thaw", "--set", f"data.natural={data / 'new_labels'}",
+        "transfer", "--from", str(data / "model.zip"), "--strategy", "thaw",
+        "--set", f"data.natural={data / 'new_labels'}", "--set", "data.modality=other",
+        "--natural-only", "--set", "train.epochs=3", "--set", "train.batch_size=8",
         "--out", str(data / "finetune_run"),
     ]  # fmt: skip
     assert recorded[1] == [
@@ -687,23 +706,60 @@ def test_finetune_workflow_runs_transfer_export_evaluate(built: Path, tmp_path: 
         str(new_bundle.resolve()),
     ]
     assert recorded[2] == [
-        "evaluate",
-        str(new_bundle.resolve()),
-        "--data",
-        str(data / "heldout_labels"),
-        "--json",
-    ]
+        "evaluate", str(new_bundle.resolve()), "--data", str(data / "heldout_labels"),
+        "--json", str(data / "finetuned_model.metrics.json"),
+    ]  # fmt: skip
     with pytest.raises(FileExistsError, match="exists already"):
         run_node_script(script_of(workflow, 1), workflow, output_tables=1, flow_variables=variables)
 
 
-def test_finetune_plan_names_missing_inputs(built: Path) -> None:
-    workflow = built / builders.FINETUNE_WORKFLOW
-    with pytest.raises(ValueError, match="workflow variable 'checkpoint' is empty"):
+def test_finetune_plan_names_missing_inputs(built: Path, tmp_path: Path) -> None:
+    workflow = _finetune_copy(built, tmp_path)
+    (workflow / "data" / "model.zip").unlink()
+    with pytest.raises(FileNotFoundError, match="workflow variable 'bundle': no model bundle"):
         run_node_script(
             script_of(workflow, 1), workflow, output_tables=1,
             flow_variables=variables_of(workflow) | {"twinvae_executable": sys.executable},
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_finetune_workflow_fine_tunes_a_twinvae_bundle(tmp_path: Path) -> None:
+    """The real twinvae under the stand-in knio: the count workflow's bundle (a tiny Twin-VAE
+    with its whole weights attached) fine-tuned with the synthetic twin, exported, evaluated."""
+    import torch
+
+    from _fine_tune_data import TINY, write_labelled_folder
+    from twinvae.config import ExperimentConfig
+    from twinvae.export import export_bundle
+    from twinvae.models.twin_vae import TwinVAE
+    from twinvae.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    source = tmp_path / "source" / "best.pt"
+    source.parent.mkdir()
+    config = ExperimentConfig(name="tiny-pc", model=TINY)
+    save_checkpoint(Checkpoint(config=config, model_state=TwinVAE(TINY).state_dict()), source)
+    bundle = export_bundle(source, tmp_path / "model.zip").path
+    out = tmp_path / "workflows"
+    builders.build_workflows(out, bundle=bundle, knwf=False)
+    workflow = out / builders.FINETUNE_WORKFLOW
+    data = workflow / "data"
+    write_labelled_folder(data / "new_labels", labelled=12)
+    write_labelled_folder(data / "heldout_labels", labelled=40)
+    variables = variables_of(workflow) | {
+        "modality": "dic",
+        "extra_settings": "train.epochs=1 train.steps_per_epoch=2 train.batch_size=4",
+    }
+    plan, metrics, flow_variables = _run_finetune_nodes(workflow, variables)
+    assert "--natural-only" not in plan["command"].iloc[0]  # the bundle holds the whole model
+    run = load_checkpoint(data / "finetune_run" / "best.pt")
+    assert run.config.data.modality == "dic" and run.config.transfer is not None
+    assert run.config.transfer.from_checkpoint == str((data / "model.zip").resolve())
+    new_bundle = Path(str(flow_variables["new_bundle_path"]))
+    assert twinvae_bundle.has_full_weights(twinvae_bundle.read_bundle_info(new_bundle))
+    values = dict(zip(metrics["metric"], metrics["value"], strict=True))
+    assert values["overall.n"] == 40 and values["overall.mae"] >= 0
 
 
 def test_finetune_command_lines_match_the_twinvae_cli() -> None:
@@ -713,7 +769,8 @@ def test_finetune_command_lines_match_the_twinvae_cli() -> None:
         subcommand = template[1]
         probe = runner.invoke(app, [subcommand, "--help"], terminal_width=200)
         assert probe.exit_code == 0, f"'twinvae {subcommand} --help' failed for step {name}"
-        for token in template[2:]:
+        optional = twinvae_finetune.OPTIONAL_FLAGS if name == "transfer" else ()
+        for token in (*template[2:], *optional):
             if token.startswith("--"):
                 assert token in probe.output, f"twinvae {subcommand} has no option {token}"
 

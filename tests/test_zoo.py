@@ -197,6 +197,21 @@ def test_zoo_check_names_a_changed_member(tiny_zoo: Path, monkeypatch: pytest.Mo
     assert entry.members["cover.png"][:shown] not in checked.detail  # ... of changed ones only
 
 
+def test_a_new_config_field_leaves_zoo_bundles_as_recorded(
+    tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundle ships the stored config YAML verbatim: a config field added later (which the
+    whole config written anew would list) changes no member of a published bundle."""
+    entry = load_manifest(tiny_zoo).get(TINY_NAME)
+    written = ExperimentConfig.to_yaml
+    monkeypatch.setattr(
+        ExperimentConfig, "to_yaml", lambda self: written(self) + "new_section: {}\n"
+    )
+    checked = check_entry(tiny_zoo, entry)
+    assert checked.passed, checked.detail
+    assert f"all {len(entry.members)} members as recorded" in checked.detail
+
+
 def test_zoo_check_fails_on_a_test_output_beyond_tolerance(tiny_zoo: Path, tmp_path: Path) -> None:
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from twinvae.data.cho_k1 import REFERENCE_PREFIX, resolve_reference
+from twinvae.data.modality import MODALITY_PATTERN
 from twinvae.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -50,6 +51,22 @@ class ModelConfig(_Strict):
     )
 
 
+class PseudoLabelConfig(_Strict):
+    """Temporal pseudo-labels: an unlabelled training frame between two labelled frames of its
+    chamber gets the count interpolated linearly in time between them."""
+
+    max_gap: int = Field(
+        25, ge=2, description="largest distance in frames between the two labelled frames"
+    )
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="loss weight of a pseudo-label beside a labelled frame; it falls linearly "
+        "with the distance to the nearer labelled frame, to weight / 2 midway (real labels: 1)",
+    )
+
+
 class DataConfig(_Strict):
     """Where the natural and synthetic images come from and how validation is cut."""
 
@@ -60,7 +77,14 @@ class DataConfig(_Strict):
         f"'{REFERENCE_PREFIX}pc' is the pc folder of the CHO-K1 data set (--data-root or "
         "$TWINVAE_CHO_K1), replaced by its path when the config is loaded",
     )
-    modality: Literal["bf", "pc"] = "pc"
+    modality: str = Field(
+        "pc",
+        pattern=MODALITY_PATTERN,
+        description="bf, pc, other, or a name of your own (e.g. dic, fluorescence); for a "
+        "modality other than bf and pc the synthetic twin uses the generator settings of "
+        "synthetic_generator.modality, else of the one (bf or pc) whose rendering is closest to "
+        "the natural images in mean grey level and contrast (twinvae.data.modality)",
+    )
     natural_split: Literal["train", "test"] = "train"
     generated_natural_count: int = Field(
         600, ge=10, description="images generated in the natural style when `natural` is None"
@@ -98,7 +122,48 @@ class DataConfig(_Strict):
         le=1.0,
         description="share of labelled images in every natural batch (None = as sampled)",
     )
+    label_budget: int | None = Field(
+        None,
+        ge=1,
+        description="keep only this many labelled natural images, drawn with split_seed (the "
+        "others stay as unlabelled images), before validation is cut; None = all labels",
+    )
+    label_chambers: int | list[str] | None = Field(
+        None,
+        description="with label_budget: take the labelled images from this many chambers "
+        "(drawn with split_seed among those with enough labels) or from the chambers listed "
+        "(e.g. [nd063_crop/xy01, nd063_crop/xy09]), shared out evenly among them",
+    )
     max_count: int = Field(30, ge=1)
+    pseudo_labels: PseudoLabelConfig | None = Field(
+        None,
+        description="temporal pseudo-labels for unlabelled training frames (training chambers "
+        "only, never validation or test); None = off",
+    )
+    chamber_background: Literal["off", "subtract", "divide"] = Field(
+        "off",
+        description="per-chamber normalisation: subtract (or divide by) the chamber's background, "
+        "the per-pixel median over all its frames, keeping the background's mean grey level; "
+        "a bundle trained so expects images normalised the same way",
+    )
+    balance_counts: bool = Field(
+        False,
+        description="draw labelled images with probability 1 / (images with that rounded count): "
+        "every count equally often",
+    )
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _lower_case_modality(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget_for_chambers(self) -> DataConfig:
+        if self.label_chambers is not None and self.label_budget is None:
+            raise ValueError("label_chambers needs label_budget (how many labelled images)")
+        if isinstance(self.label_chambers, int) and self.label_chambers < 1:
+            raise ValueError("label_chambers must be at least 1 (or a list of chambers)")
+        return self
 
     @field_validator("natural")
     @classmethod
@@ -122,6 +187,10 @@ class LossConfig(_Strict):
         1.0, gt=0.0, le=1.0, description="C_rec is multiplied by this after every epoch"
     )
     decoder_off: bool = Field(False, description="C_rec = 0 and decoders are not run")
+    regression: Literal["mse", "poisson"] = Field(
+        "mse",
+        description="Reg: squared error, or the Poisson deviance (errors weighted by 1 / count)",
+    )
 
 
 class OptimConfig(_Strict):
@@ -146,6 +215,15 @@ class AugmentConfig(_Strict):
         le=1.0,
         description="smallest crop side, resized back; a crop keeps the label although it may "
         "cut cells away (counts of whole images come out slightly high), 1.0 = no crops",
+    )
+    zoom_out: float = Field(
+        1.0,
+        ge=1.0,
+        le=2.0,
+        description="largest zoom-out factor: the side of the window each image is resampled "
+        "from is drawn from [crop_scale, zoom_out]; above 1 the whole image shrinks onto a flat "
+        "border of its median grey, so the count stays and cells look smaller; 1.0 = off (with "
+        "it on, rotations also fill their corners with that grey instead of reflecting cells)",
     )
     noise_std: float = Field(
         0.02, ge=0.0, le=0.5, description="largest std of the additive noise (uniform per image)"

@@ -3,7 +3,7 @@
 This module is self-contained: it imports no twinvae code, only numpy, onnxruntime, pyyaml,
 pillow and tifffile, so it can be copied next to a KNIME workflow (``data/twinvae_bundle.py``) and
 run in KNIME's Python environment. Every twinvae command that reads a bundle (``predict``,
-``evaluate``, ``validate``, ``knime build``) opens it with ``open_bundle`` here.
+``evaluate``, ``validate``, ``transfer``, ``knime build``) opens it with ``open_bundle`` here.
 
 A bundle is a bioimage.io model (format 0.5; 0.4 spellings of axes and preprocessing are
 understood too) as a ``.zip`` with ``rdf.yaml`` at its top level (or in its only folder), or an
@@ -46,6 +46,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "FULL_WEIGHTS_FILE",
     "IMAGE_SUFFIXES",
     "RDF_NAME",
     "BundleError",
@@ -55,6 +56,7 @@ __all__ = [
     "BundlePredictor",
     "MissingPackageError",
     "apply_processing",
+    "has_full_weights",
     "install_hint",
     "list_images",
     "open_bundle",
@@ -68,6 +70,9 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 RDF_NAME = "rdf.yaml"
+FULL_WEIGHTS_FILE = "twinvae_weights.safetensors"
+"""The attachment holding the whole Twin-VAE (both encoders, both decoders, shared layers,
+regressor) that fine-tuning starts from; bundles exported before it existed lack it."""
 
 _PIP_NAMES = {"yaml": "pyyaml", "PIL": "pillow", "onnxruntime": "onnxruntime"}
 _CONDA_NAMES = {"yaml": "pyyaml", "PIL": "pillow"}
@@ -365,6 +370,18 @@ def _read_info(files: BundleFiles) -> BundleInfo:
     if not isinstance(rdf, dict):
         raise BundleError(f"model bundle {files.path}: {RDF_NAME} must be a mapping")
     return _parse_rdf(rdf, str(files.path))
+
+
+def has_full_weights(info: BundleInfo) -> bool:
+    """Whether the bundle attaches the whole Twin-VAE (``FULL_WEIGHTS_FILE``), not only the
+    counting path its weight formats hold."""
+    attachments = info.rdf.get("attachments")
+    if not isinstance(attachments, list):
+        return False
+    return any(
+        isinstance(item, dict) and str(item.get("source", "")) == FULL_WEIGHTS_FILE
+        for item in attachments
+    )
 
 
 def _parse_rdf(rdf: dict[str, Any], source: str) -> BundleInfo:
@@ -683,7 +700,8 @@ def to_model_input(image: Any, size: tuple[int, int], resize: bool = True, sourc
     if not resize:
         raise BundleError(
             f"image {source or 'array'} is {grey.shape[1]}x{grey.shape[0]} pixels; the model "
-            f"needs {size[1]}x{size[0]}"
+            f"needs {size[1]}x{size[0]}; to rescale it, pass --resize (twinvae predict; "
+            "Python: resize=True)"
         )
     image_module = require("PIL.Image")
     resized = image_module.fromarray(grey).resize((size[1], size[0]), image_module.BILINEAR)

@@ -6,7 +6,7 @@ may be absolute, relative to the workflow folder, or KNIME URLs of the form
 ``knime://knime.workflow/...``.
 
 A workflow ships only the modules its nodes use: this one in every workflow, ``twinvae_bundle``
-(the ONNX runner) in the count and growth workflows, ``twinvae_growth`` in the growth workflow and
+(the bundle opener and ONNX runner) in all three, ``twinvae_growth`` in the growth workflow and
 ``twinvae_finetune`` in the fine-tune workflow. So those three are imported by the functions that
 need them (``shipped``), not when this module is imported.
 """
@@ -318,19 +318,36 @@ def growth_fits(counts: Any, variables: Variables) -> tuple[Any, bytes]:
 def finetune_settings(
     variables: Variables, workflow_dir: Path
 ) -> twinvae_finetune.FineTuneSettings:
+    """The fine-tune inputs from the workflow variables; whether the bundle attaches the whole
+    Twin-VAE decides between fine-tuning with the synthetic twin and --natural-only."""
     finetune = shipped("twinvae_finetune")
+    bundle = path_variable(variables, "bundle", workflow_dir)
+    config = text_variable(variables, "config", required=False)
+    if config.endswith((".yaml", ".yml")) or "/" in config or "\\" in config:
+        config = str(resolve_path(config, workflow_dir))  # a file; else a builtin config name
+    extra = text_variable(variables, "extra_settings", required=False)
     settings: twinvae_finetune.FineTuneSettings = finetune.FineTuneSettings(
         twinvae=finetune.find_twinvae(
             text_variable(variables, "twinvae_executable", required=False)
         ),
-        checkpoint=path_variable(variables, "checkpoint", workflow_dir),
-        config=path_variable(variables, "config", workflow_dir),
+        bundle=bundle,
         new_labels_dir=path_variable(variables, "new_labels_dir", workflow_dir),
         heldout_dir=path_variable(variables, "heldout_dir", workflow_dir),
         run_dir=path_variable(variables, "run_dir", workflow_dir),
         new_bundle=path_variable(variables, "new_bundle", workflow_dir),
+        modality=text_variable(variables, "modality", required=False) or "other",
+        strategy=text_variable(variables, "strategy", required=False) or "thaw",
+        config=config,
+        natural_only=bundle.exists() and not bundle_has_full_weights(bundle),
+        settings=tuple(item for item in extra.replace(";", " ").split() if item),
     )
     return settings
+
+
+def bundle_has_full_weights(bundle: Path) -> bool:
+    """Whether the bundle attaches the whole Twin-VAE (read with the checked opener)."""
+    runtime = _bundle()
+    return bool(runtime.has_full_weights(runtime.read_bundle_info(bundle)))
 
 
 LOG_COLUMNS = ["step", "command", "status", "seconds", "output"]
@@ -341,6 +358,11 @@ def finetune_plan(variables: Variables, workflow_dir: Path) -> Any:
     finetune = shipped("twinvae_finetune")
     settings = finetune_settings(variables, workflow_dir)
     finetune.check_inputs(settings)
+    if settings.natural_only:
+        print(
+            f"{settings.bundle} holds only the counting path (no twinvae_weights.safetensors): "
+            "it is fine-tuned on the natural images alone (--natural-only)"
+        )
     rows = [
         {
             "step": step.name,
@@ -370,13 +392,11 @@ def finetune_run(step_name: str, log: Any, variables: Variables, workflow_dir: P
     return updated
 
 
-def finetune_metrics(log: Any) -> Any:
-    """metric, value (number or missing), text table from the JSON of the evaluate step."""
-    output = log.loc[log["step"] == "evaluate", "output"]
-    if output.empty or not str(output.iloc[0]).strip():
-        raise ValueError("the evaluate step has not run yet")
+def finetune_metrics(variables: Variables, workflow_dir: Path) -> Any:
+    """metric, value (number or missing), text table from the evaluate step's JSON report."""
     finetune = shipped("twinvae_finetune")
-    pairs = finetune.flatten_metrics(finetune.parse_json_output(str(output.iloc[0])))
+    settings = finetune_settings(variables, workflow_dir)
+    pairs = finetune.flatten_metrics(finetune.read_metrics(settings.metrics))
     return pd.DataFrame(
         {
             "metric": [name for name, _ in pairs],

@@ -135,7 +135,9 @@ def export_command(
 ) -> None:
     """Export a checkpoint as a validated bioimage.io model bundle (ONNX, TorchScript, state dict).
 
-    The zip is built in a temporary folder and written only when every check passed.
+    The bundle also attaches the whole Twin-VAE (twinvae_weights.safetensors) that twinvae
+    transfer --from BUNDLE fine-tunes. The zip is built in a temporary folder and written only
+    when every check passed.
     """
     from twinvae.export.bundle import ExportOptions, export_bundle, load_metrics_json
     from twinvae.export.rdf import BundleMetadata
@@ -195,7 +197,8 @@ def validate_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Run every export check on a bundle (files, sha256, contract, ONNX checker, weight-format
-    agreement, prediction spread, bioimage.io's model test); exit code 0 when valid, 1 otherwise.
+    agreement, the attached whole Twin-VAE, prediction spread, bioimage.io's model test); exit
+    code 0 when valid, 1 otherwise.
 
     Runs no code from the bundle: the ONNX weights run in ONNX Runtime and the TorchScript
     weights load with torch.jit.load. The pytorch_state_dict weights need the bundle's Python

@@ -137,8 +137,15 @@ def train_command(
 
 
 def transfer_command(
-    source: Path = typer.Option(
-        ..., "--from", help="Checkpoint (best.pt / last.pt) or run folder to start from."
+    source: str = typer.Option(
+        ...,
+        "--from",
+        metavar="RUN|CHECKPOINT|BUNDLE|ZOO-NAME",
+        help="Where to start: a run folder or checkpoint (best.pt / last.pt), a bioimage.io "
+        "bundle (.zip from twinvae export or zoo build), or a zoo model's name (twinvae zoo "
+        "list). Bundles exported before they attached twinvae_weights.safetensors, and zoo "
+        "models listed as 'counting path only', hold no synthetic encoder and no decoders: "
+        "from them only --natural-only runs (strategy simultaneous or thaw).",
     ),
     config: str = typer.Option(
         "transfer-pc-to-bf", "--config", "-c", metavar=CONFIG_METAVAR, help=CONFIG_HELP
@@ -153,14 +160,19 @@ def transfer_command(
         False, "--no-decoder", help="Switch the decoders off (C_rec = 0, section 4.1)."
     ),
     natural_only: bool = typer.Option(
-        False, "--natural-only", help="Train without the synthetic twin."
+        False,
+        "--natural-only",
+        help="Train without the synthetic twin (needed for sources with only the counting path).",
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder to create."),
     data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP + " Sets data.skip_bad."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Transfer a trained Twin-VAE to new data (e.g. another microscope)."""
+    """Transfer a trained Twin-VAE to new data (e.g. another microscope): from a run, a bundle
+    or a zoo model. For a modality other than bf and pc set data.modality (a name, or other):
+    the synthetic twin then uses the generator's bf or pc settings closest to the images (or
+    data.synthetic_generator.modality)."""
     from twinvae.training.runner import run_transfer
 
     if strategy is not None and strategy not in STRATEGIES:

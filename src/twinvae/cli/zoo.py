@@ -29,7 +29,8 @@ def _zoo_dir(zoo_dir: Path | None) -> Path:
 def list_command(
     zoo_dir: Path | None = typer.Option(None, "--zoo-dir", help=ZOO_DIR_HELP),
 ) -> None:
-    """One line per model: name, modality, test metrics, recipe."""
+    """One line per model: name, modality, test metrics, recipe, and what its weights hold
+    (the whole Twin-VAE, or only the counting path: then fine-tuning from it is natural-only)."""
     from twinvae.model_zoo import load_manifest
 
     folder = _zoo_dir(zoo_dir)
@@ -38,7 +39,8 @@ def list_command(
         err_console.print(f"no models in {folder / 'collection.yaml'}", highlight=False)
     for entry in manifest.models:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(entry.metrics.items())) or "-"
-        typer.echo(f"{entry.name}\t{entry.modality}\t{metrics}\t{entry.recipe}")
+        holds = "whole Twin-VAE" if entry.weights_kind == "twin-vae" else "counting path only"
+        typer.echo(f"{entry.name}\t{entry.modality}\t{metrics}\t{entry.recipe}\t{holds}")
 
 
 @zoo_app.command("build")

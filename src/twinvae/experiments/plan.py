@@ -24,6 +24,7 @@ from pydantic import (
 
 from twinvae.config import CONFIG_DIR, ExperimentConfig, apply_overrides, config_from_dict
 from twinvae.data.cho_k1 import cho_k1_root
+from twinvae.data.modality import generator_modality
 from twinvae.data.setnames import parse_set_name
 from twinvae.errors import ConfigError
 from twinvae.experiments.reference import PAPER_TABLE2
@@ -386,7 +387,11 @@ def row_config(
 def final_modality(config: ExperimentConfig) -> Modality:
     """The modality a run ends on (the second stage's for a double transfer)."""
     second = config.transfer.second_stage if config.transfer is not None else None
-    return second.data.modality if second is not None else config.data.modality
+    modality = second.data.modality if second is not None else config.data.modality
+    chosen = generator_modality(modality)
+    if chosen is None:  # data.modality also takes names of other microscopes
+        raise ConfigError(f"experiment plans run on CHO-K1 bf or pc data, not {modality!r}")
+    return chosen
 
 
 def row_modality(plan: Plan, row: PlanRow, data_root: str | None = None) -> Modality:

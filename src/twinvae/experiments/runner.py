@@ -272,28 +272,35 @@ def evaluate_command(
 
 
 def _clear_unstarted(run_dir: Path, log: Log) -> None:
-    """Remove what a run killed before its first checkpoint left behind (its own files only)."""
-    from twinvae.training.run_dir import LOCK_NAME
+    """Remove what a run killed before its first checkpoint left behind (its own files only).
 
-    if not run_dir.exists():
+    A run that is still in its first epoch has no last.pt either: the folder's lock is taken
+    first, so a folder another process is training in is refused, never emptied."""
+    from twinvae.training.run_dir import LOCK_NAME, RunDirectory
+
+    if not run_dir.is_dir():
         return
-    # the lock file is the run folder's own (RunDirectory): never removed here
-    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
-    ours = {"config.yaml", "metrics.csv"}
-    foreign = [
-        p.name
-        for p in leftovers
-        if p.name not in ours and not (p.name.startswith(".") and p.name.endswith(".tmp"))
-    ]
-    if foreign:
-        raise ConfigError(
-            f"{run_dir}: holds {', '.join(sorted(foreign))} but no last.pt; it is not a run this "
-            "runner can resume. Move it away or choose another --out"
-        )
-    if leftovers:
-        log(f"  removing the unfinished start of {run_dir} (no checkpoint was written)")
-    for path in leftovers:
-        path.unlink()
+    holder = RunDirectory.locked(run_dir)  # raises RunDirectoryInUseError while in use
+    try:
+        # the lock file is the run folder's own (RunDirectory): never removed here
+        leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+        ours = {"config.yaml", "metrics.csv"}
+        foreign = [
+            p.name
+            for p in leftovers
+            if p.name not in ours and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
+        if foreign:
+            raise ConfigError(
+                f"{run_dir}: holds {', '.join(sorted(foreign))} but no last.pt; it is not a run "
+                "this runner can resume. Move it away or choose another --out"
+            )
+        if leftovers:
+            log(f"  removing the unfinished start of {run_dir} (no checkpoint was written)")
+        for path in leftovers:
+            path.unlink()
+    finally:
+        holder.close()
 
 
 def train_stage(

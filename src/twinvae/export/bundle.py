@@ -38,11 +38,13 @@ from torch import nn
 
 from twinvae import __version__
 from twinvae.config import DataConfig, ExperimentConfig
+from twinvae.data.modality import settings_modality
 from twinvae.errors import ExportError
 from twinvae.export import checks
 from twinvae.export.docs import DocContext, documentation, write_cover
 from twinvae.export.formats import FORMATS, PARENT_FORMAT, Runner
 from twinvae.export.formats.base import as_output_list
+from twinvae.export.full_weights import FULL_WEIGHTS_FILE, counting_state, write_full_weights
 from twinvae.export.images import CheckImages, load_check_images, to_model_space
 from twinvae.export.network import COUNT_ID, NetworkSpec, build_network, network_state
 from twinvae.export.rdf import (
@@ -70,13 +72,23 @@ _DATA_PATH_FIELDS = ("natural", "synthetic", "cache_dir", "synthetic_background"
 
 @dataclass
 class ExportSource:
-    """The weights of the counting path and what is known about how they were trained."""
+    """The weights of the counting path and what is known about how they were trained.
+
+    ``full_state``: the whole Twin-VAE's state dict, attached to the bundle as
+    `FULL_WEIGHTS_FILE` (what fine-tuning starts from); None for sources that hold only the
+    counting path (the first zoo entries).
+    """
 
     config: ExperimentConfig
     state: dict[str, torch.Tensor]
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     origin: str = ""
+    full_state: dict[str, torch.Tensor] | None = None
+    config_text: str | None = None
+    """The config as stored (a zoo entry's YAML), shipped verbatim as config.yaml, so that new
+    config fields with defaults do not change the bytes of a published bundle; None: written
+    from ``config`` (with portable paths)."""
 
 
 @dataclass
@@ -141,6 +153,7 @@ def source_from_checkpoint(path: Path | str) -> ExportSource:
         epoch=checkpoint.epoch,
         metrics={k: float(v) for k, v in checkpoint.metrics.items() if _is_number(v)},
         origin=str(path),
+        full_state={key: value.detach().cpu() for key, value in twin.state_dict().items()},
     )
 
 
@@ -331,6 +344,24 @@ def _shipped_test_outputs(
     return shipped, comparisons
 
 
+def _check_full_state(source: ExportSource) -> None:
+    """The attached Twin-VAE must hold exactly the counting network the bundle ships."""
+    assert source.full_state is not None
+    attached = counting_state(source.full_state, source.config.model)
+    differing = sorted(
+        key
+        for key in source.state.keys() | attached.keys()
+        if key not in attached
+        or key not in source.state
+        or not torch.equal(attached[key], source.state[key].to("cpu"))
+    )
+    if differing:
+        raise ExportError(
+            f"{source.origin or 'the source'}: the whole Twin-VAE's weights differ from the "
+            f"counting network's in {', '.join(differing[:5])}"
+        )
+
+
 def build_package_folder(
     source: ExportSource,
     folder: Path,
@@ -349,6 +380,9 @@ def build_package_folder(
     config = portable_config(source.config)
     origin = portable_path(source.origin) if source.origin else "a twinvae checkpoint"
 
+    if source.full_state is not None:
+        _check_full_state(source)
+        write_full_weights(folder / FULL_WEIGHTS_FILE, source.full_state, source.config.model)
     np.save(folder / TEST_INPUT_FILE, raw_test, allow_pickle=False)
     tifffile.imwrite(folder / SAMPLE_INPUT_FILE, images.images[0])
     for output_id, values in test_outputs.items():
@@ -370,7 +404,10 @@ def build_package_folder(
     name = metadata.name or default_name(config.data.modality)
     prediction = float(test_outputs[COUNT_ID].reshape(-1)[0])
     label = int(images.counts[0])
-    config.save(folder / CONFIG_FILE)
+    if source.config_text is not None:
+        (folder / CONFIG_FILE).write_text(source.config_text, encoding="utf-8")
+    else:
+        config.save(folder / CONFIG_FILE)
     write_cover(folder / COVER_FILE, images.images[0], prediction, label, config.data.modality)
     (folder / DOCUMENTATION_FILE).write_text(
         documentation(
@@ -395,6 +432,7 @@ def build_package_folder(
                 notes=[]
                 if not images.generated
                 else ["The export checks ran on generated images, not on real labelled ones."],
+                full_weights=source.full_state is not None,
             )
         ),
         encoding="utf-8",
@@ -464,8 +502,13 @@ def export_source(
     say("choosing test images")
     images = options.images
     if images is None:
+        data = source.config.data
         images = load_check_images(
-            options.data, source.config.data.modality, options.check_images, options.seed
+            options.data,
+            data.modality,
+            options.check_images,
+            options.seed,
+            look=settings_modality(data.modality, data.synthetic_generator),
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".export", dir=out.parent))

@@ -11,6 +11,10 @@ Checks, in order (a failed package check stops the rest):
 5. onnx         ONNX checker, opset >= 17, one self-contained file, dynamic batch axis
 6. agreement    every weight format gives the reference's outputs within the tolerance on the
                 check images, and the reference reproduces the bundle's test output
+   full weights the attached whole Twin-VAE (``twinvae_weights.safetensors``, what fine-tuning
+                starts from) loads into twinvae's own TwinVAE and its counting path reproduces
+                the test output within the tolerance rdf.yaml declares (skipped for bundles
+                without it)
 7. prediction spread   the counts of the ONNX weights on the check images (or, without any,
                 on generated images of the bundle's modality) are not (almost) constant; a flat
                 model passes with an alert (`SPREAD_MIN_STD`, `SPREAD_MIN_FRACTION`)
@@ -43,12 +47,14 @@ import yaml
 from twinvae.data.imageset import IMAGE_SIZE, Modality
 from twinvae.errors import ExportError
 from twinvae.export.formats import FORMATS, PARENT_FORMAT, Runner, get_format
+from twinvae.export.formats.base import as_output_list
 from twinvae.export.formats.onnx_format import MIN_OPSET_VERSION
 from twinvae.export.images import INPUT_GAIN, load_check_images, to_model_space
 from twinvae.export.network import ARCHITECTURE_FILE, COUNT_ID, INPUT_ID
 from twinvae.export.rdf import CONFIG_FILE, MODALITY_NAMES, RDF_NAME
 from twinvae.fileio import sha256_file
 from twinvae.runtime import twinvae_bundle as runtime
+from twinvae.runtime.twinvae_bundle import FULL_WEIGHTS_FILE
 
 DEFAULT_TOLERANCE = 5e-3
 """Largest accepted difference between weight formats, in counts (and mu units).
@@ -546,6 +552,90 @@ def _check_agreement(
     )
 
 
+# --- full weights --------------------------------------------------------------------------------
+
+FULL_WEIGHTS_CHECK = "full weights"
+
+
+def _attachments(rdf: Mapping[str, Any]) -> list[str]:
+    return [
+        str(item.get("source"))
+        for item in rdf.get("attachments") or []
+        if isinstance(item, Mapping) and item.get("source")
+    ]
+
+
+def _declared_tolerance(rdf: Mapping[str, Any], output_id: str) -> tuple[float, float]:
+    """(absolute, relative) reproducibility tolerance rdf.yaml declares for an output."""
+    bioimageio = ((rdf.get("config") or {}).get("bioimageio") or {}) if rdf else {}
+    for entry in bioimageio.get("reproducibility_tolerance") or []:
+        if isinstance(entry, Mapping) and output_id in (entry.get("output_ids") or []):
+            return float(entry.get("absolute_tolerance", 0.0)), float(
+                entry.get("relative_tolerance", 0.0)
+            )
+    return DEFAULT_TOLERANCE, 0.0
+
+
+def _check_full_weights(bundle: _Bundle) -> CheckResult:
+    """The attached whole Twin-VAE loads into twinvae's own TwinVAE, and its counting path
+    reproduces the bundle's test outputs within the tolerance rdf.yaml declares."""
+    import torch
+
+    from twinvae.errors import CheckpointError
+    from twinvae.export.full_weights import read_full_weights
+    from twinvae.models.twin_vae import TwinVAE
+
+    if FULL_WEIGHTS_FILE not in _attachments(bundle.rdf):
+        return CheckResult(
+            FULL_WEIGHTS_CHECK,
+            True,
+            f"not attached ({FULL_WEIGHTS_FILE}): the bundle holds only the counting path, so "
+            "fine-tuning from it trains on natural images only (twinvae transfer --natural-only)",
+            skipped=True,
+        )
+    try:
+        state, model = read_full_weights(
+            (bundle.folder / FULL_WEIGHTS_FILE).read_bytes(), FULL_WEIGHTS_FILE
+        )
+    except CheckpointError as error:
+        raise _CheckError(str(error)) from None
+    twin = TwinVAE(model)
+    try:
+        twin.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise _CheckError(f"{FULL_WEIGHTS_FILE} does not fit its model sizes: {error}") from None
+    with_mu = bool(((bundle.rdf.get("config") or {}).get("twinvae") or {}).get("with_mu"))
+    network = twin.counting_network("natural", with_mu=with_mu).eval()
+    _, test_input = _bundle_images(bundle)
+    with torch.no_grad():
+        computed = as_output_list(network(torch.from_numpy(test_input)))
+    outputs = bundle.rdf.get("outputs") or []
+    problems: list[str] = []
+    report: list[str] = []
+    for output, values in zip(outputs, computed, strict=False):
+        output_id = str(output.get("id"))
+        stored = np.load(bundle.folder / output["test_tensor"]["source"], allow_pickle=False)
+        absolute, relative = _declared_tolerance(bundle.rdf, output_id)
+        expected = stored.astype(np.float64).reshape(values.shape)
+        difference = np.abs(values.astype(np.float64) - expected)
+        allowed = absolute + relative * np.abs(expected)
+        report.append(f"{output_id} max |difference| {float(difference.max()):.2g}")
+        if not np.all(difference <= allowed):
+            problems.append(
+                f"the counting path of {FULL_WEIGHTS_FILE} gives {output_id!r} "
+                f"{float(difference.max()):.3g} away from the stored test output (declared "
+                f"tolerance {absolute:g} + {relative:g} x |value|)"
+            )
+    if problems:
+        raise _CheckError("; ".join(problems))
+    return CheckResult(
+        FULL_WEIGHTS_CHECK,
+        True,
+        f"{FULL_WEIGHTS_FILE}: whole Twin-VAE ({len(state)} tensors) loads; its counting path "
+        f"reproduces the test output ({', '.join(report)})",
+    )
+
+
 # --- prediction spread ---------------------------------------------------------------------------
 
 
@@ -598,7 +688,8 @@ def prediction_spread(
 
 
 def _bundle_modality(bundle: _Bundle) -> Modality | None:
-    """'bf' or 'pc' from the bundle's config.yaml (twinvae bundles), else from its tags."""
+    """'bf' or 'pc' from the bundle's config.yaml (twinvae bundles; for other modalities the
+    generator settings the run used), else from its tags."""
     config_path = bundle.folder / CONFIG_FILE
     if config_path.is_file():
         try:
@@ -607,6 +698,9 @@ def _bundle_modality(bundle: _Bundle) -> Modality | None:
             config = None
         data = config.get("data") if isinstance(config, dict) else None
         declared = data.get("modality") if isinstance(data, dict) else None
+        generator = data.get("synthetic_generator") if isinstance(data, dict) else None
+        if isinstance(generator, dict) and generator.get("modality") in MODALITIES:
+            declared = generator["modality"]  # other modalities: the generator settings used
         for modality in MODALITIES:
             if declared == modality:
                 return modality
@@ -716,6 +810,7 @@ def validate_bundle(
                     "agreement",
                     lambda: _check_agreement(bundle, images, reference, tolerance, trust_code),
                 )
+                step(FULL_WEIGHTS_CHECK, lambda: _check_full_weights(bundle))
                 if not trust_code:
                     report.checks.append(
                         CheckResult(

@@ -10,8 +10,11 @@ import numpy as np
 
 from twinvae.config import ExperimentConfig
 from twinvae.data.imageset import IMAGE_SIZE
-from twinvae.export.network import COUNT_ID, INPUT_ID, MU_ID, NetworkSpec
-from twinvae.export.rdf import CITATIONS, MODALITY_NAMES
+from twinvae.data.modality import generator_modality, modality_name, settings_modality
+from twinvae.export.network import ARCHITECTURE_FILE, COUNT_ID, INPUT_ID, MU_ID, NetworkSpec
+from twinvae.export.predict import CSV_COLUMNS
+from twinvae.export.rdf import CITATIONS
+from twinvae.runtime.twinvae_bundle import FULL_WEIGHTS_FILE
 
 
 @dataclass
@@ -36,6 +39,8 @@ class DocContext:
     authors: tuple[str, ...]
     twinvae_version: str
     notes: list[str] = field(default_factory=list)
+    full_weights: bool = False
+    """The bundle attaches the whole Twin-VAE (`FULL_WEIGHTS_FILE`) for fine-tuning."""
 
 
 def _number(value: float) -> str:
@@ -63,14 +68,21 @@ def _training_lines(config: ExperimentConfig, epoch: int) -> list[str]:
         config.train,
     )
     natural = data.natural or f"{data.generated_natural_count} generated natural-style images"
+    look = settings_modality(data.modality, data.synthetic_generator)
+    borrowed = (
+        f" with its {look.upper()} settings"
+        if look is not None and generator_modality(data.modality) != look
+        else ""
+    )
     synthetic = (
         "none (natural only)"
         if data.natural_only
-        else data.synthetic or "generated on the fly by twinvae's synthetic cell generator"
+        else data.synthetic
+        or f"generated on the fly by twinvae's synthetic cell generator{borrowed}"
     )
     lines = [
         f"- Run `{config.name}`, checkpoint of epoch {epoch} (of at most {train.epochs}).",
-        f"- Modality: {MODALITY_NAMES[data.modality]} ({data.modality.upper()}); natural images: "
+        f"- Modality: {modality_name(data.modality)} ({data.modality.upper()}); natural images: "
         f"{natural} (split `{data.natural_split}`, {data.val_fraction:.0%} of the labelled images "
         "held out for validation, cut by chamber position).",
         f"- Synthetic twin images: {synthetic}; {data.synthetic_ratio:g} synthetic per natural "
@@ -99,9 +111,45 @@ def _training_lines(config: ExperimentConfig, epoch: int) -> list[str]:
     return lines
 
 
+def _fine_tuning_lines(ctx: DocContext) -> list[str]:
+    """How to adapt the model to another microscope with a few labelled images."""
+    command = (
+        f"twinvae transfer --from {ctx.bundle_file} --config transfer-pc-to-bf "
+        "--set data.natural=my_labelled_images/ --set data.modality=other --out runs/fine-tuned"
+    )
+    if ctx.full_weights:
+        holds = (
+            f"The bundle attaches the whole Twin-VAE as `{FULL_WEIGHTS_FILE}` (both encoders, "
+            "both decoders, the shared layers and the regressor; the counting path in float32, "
+            "the rest in float16), so that fine-tuning retrains it on the new natural images "
+            "together with synthetic ones, as in the papers."
+        )
+    else:
+        holds = (
+            "The bundle holds only the counting path (no synthetic encoder, no decoders), so "
+            "fine-tuning trains on the natural images alone (`--natural-only`; the decoders start "
+            "untrained)."
+        )
+        command += " --natural-only"
+    return [
+        "## Fine-tuning",
+        "",
+        f"{holds} To fine-tune it for another microscope, give `twinvae transfer` a folder of its "
+        "images with `counts.csv` (a few labelled ones suffice; `data.modality` names the "
+        "microscope: `bf`, `pc`, `other` or a name of your own), then export the run's best "
+        "checkpoint as a new bundle:",
+        "",
+        "```",
+        command,
+        "twinvae export runs/fine-tuned/best.pt --out fine-tuned.zip",
+        "```",
+        "",
+    ]
+
+
 def documentation(ctx: DocContext) -> str:
     """README.md of the bundle, with the `# Validation` section bioimage.io asks for."""
-    modality = MODALITY_NAMES[ctx.config.data.modality]
+    modality = modality_name(ctx.config.data.modality)
     outputs = f"`{COUNT_ID}` (N, 1)" + (
         f" and `{MU_ID}` (N, {ctx.spec.model.latent_dim})" if ctx.spec.with_mu else ""
     )
@@ -150,18 +198,21 @@ def documentation(ctx: DocContext) -> str:
         "```",
         "",
         "twinvae (ONNX Runtime, CUDA when available; files or folders; CSV with "
-        "`file,count,count_rounded`):",
+        f"`{','.join(CSV_COLUMNS)}`, chamber and frame read from microscope export names "
+        "`<experiment>xy<position>t<frame>c1`, else empty):",
         "",
         "```",
         f"twinvae predict {ctx.bundle_file} cells/ --out counts.csv",
         f"twinvae validate {ctx.bundle_file}",
         "```",
         "",
+        *_fine_tuning_lines(ctx),
         "KNIME: `twinvae knime build --bundle "
-        f"{ctx.bundle_file} --out workflows/` writes KNIME workflows (count cells, growth curves) "
-        "that ship this zip; their Python Script nodes run its ONNX weights with ONNX Runtime on "
-        "8-bit grey images. With other KNIME ONNX or bioimage.io nodes, scale the images to "
-        "[0, 1] first, as described above.",
+        f"{ctx.bundle_file} --out workflows/` writes KNIME workflows (count cells, growth curves, "
+        "fine-tune) that ship this zip; the count and growth workflows' Python Script nodes run "
+        "its ONNX weights with ONNX Runtime on 8-bit grey images, the fine-tune workflow runs "
+        "`twinvae transfer` from it. With other KNIME ONNX or bioimage.io nodes, scale the "
+        "images to [0, 1] first, as described above.",
         "",
         "## Training data and recipe",
         "",
@@ -183,7 +234,10 @@ def documentation(ctx: DocContext) -> str:
         f"Export checks: ONNX, TorchScript and the state-dict weights agree with the PyTorch model "
         f"on {ctx.check_image_count} images ({ctx.check_origin}) within {ctx.tolerance:g} counts, "
         "and bioimage.io's own model test passed for every weight format (run "
-        "`twinvae validate` to repeat both). Reproducibility tolerances for other machines are in "
+        f"`twinvae validate {ctx.bundle_file} --trust-code` to repeat both; without "
+        "`--trust-code` validate runs no Python file of the bundle, so it skips the state-dict "
+        "weights, whose architecture is the Python file "
+        f"`{ARCHITECTURE_FILE}`). Reproducibility tolerances for other machines are in "
         "`config.bioimageio.reproducibility_tolerance`.",
         "",
         f"Test image: label {ctx.test_label if ctx.test_label > 0 else 'unknown'}, predicted "
@@ -239,7 +293,7 @@ def write_cover(path: Path, image: np.ndarray, predicted: float, label: int, mod
     right.set_axis_off()
     caption = [
         "Twin-VAE cell counting",
-        f"CHO-K1, {MODALITY_NAMES.get(modality, modality)}",
+        f"CHO-K1, {modality_name(modality)}",
         "",
         f"predicted count: {predicted:.1f}",
         f"rounded: {max(0, math.floor(predicted + 0.5))}",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from twinvae.data.imageset import IMAGE_SIZE, ImageSet, Modality
+from twinvae.data.modality import generator_modality
 from twinvae.errors import DataError
 
 INPUT_GAIN = 1.0 / 255.0
@@ -74,21 +75,32 @@ def from_image_set(image_set: ImageSet, count: int, origin: str, generated: bool
 
 
 def load_check_images(
-    data: Path | None, modality: Modality, count: int = 16, seed: int = 0
+    data: Path | None,
+    modality: str,
+    count: int = 16,
+    seed: int = 0,
+    look: Modality | None = None,
 ) -> CheckImages:
     """Real images from `data` (any layout the readers accept; the test split of CHO-K1
-    folders), otherwise natural-style generated images of the modality."""
+    folders), otherwise natural-style generated images of the modality: of the generator
+    modality ``look`` (default: ``modality`` itself, when it is bf or pc)."""
     if count < 1:
         raise ValueError("count must be >= 1")
     if data is not None:
         from twinvae.data.readers import load_image_set
 
-        image_set = load_image_set(data, split="test", modality=modality)
+        image_set = load_image_set(data, split="test", modality=generator_modality(modality))
         return from_image_set(image_set, count, origin=str(data), generated=False)
     from twinvae.data.synthetic import SynthConfig, generate
 
-    generated = generate(SynthConfig.for_modality(modality, style="natural"), count, seed)
-    origin = f"{count} generated natural-style {modality.upper()} images (seed {seed})"
+    style = look or generator_modality(modality)
+    if style is None:
+        raise DataError(
+            f"modality {modality!r}: the generator has no settings to make check images with; "
+            "give labelled images of it (--data)"
+        )
+    generated = generate(SynthConfig.for_modality(style, style="natural"), count, seed)
+    origin = f"{count} generated natural-style {style.upper()} images (seed {seed})"
     return from_image_set(generated, count, origin=origin, generated=True)
 
 

@@ -11,8 +11,11 @@ import numpy as np
 from twinvae.citations import PAPERS
 from twinvae.config import ExperimentConfig
 from twinvae.data.imageset import IMAGE_SIZE
+from twinvae.data.modality import MODALITY_NAMES as GENERATOR_MODALITY_NAMES
+from twinvae.data.modality import modality_name
 from twinvae.export.images import INPUT_GAIN
 from twinvae.export.network import COUNT_ID, INPUT_ID, MU_ID, NetworkSpec
+from twinvae.runtime.twinvae_bundle import FULL_WEIGHTS_FILE
 
 FORMAT_VERSION = "0.5.12"
 RDF_NAME = "rdf.yaml"
@@ -26,7 +29,7 @@ ABSOLUTE_TOLERANCE = 1e-3
 """Counts reproduced elsewhere (other OS, GPU) may differ by this much plus the relative part."""
 RELATIVE_TOLERANCE = 1e-3
 
-MODALITY_NAMES = {"bf": "bright-field", "pc": "phase-contrast"}
+MODALITY_NAMES = GENERATOR_MODALITY_NAMES
 
 CITATIONS: tuple[dict[str, str], ...] = tuple({"text": p.text, "doi": p.doi} for p in PAPERS)
 """The `cite` entries of rdf.yaml (from twinvae.citations, shared with the KNIME workflows)."""
@@ -56,12 +59,12 @@ class BundleMetadata:
 
 
 def default_name(modality: str) -> str:
-    return f"Twin-VAE CHO-K1 {MODALITY_NAMES.get(modality, modality)} cell counter"
+    return f"Twin-VAE CHO-K1 {modality_name(modality)} cell counter"
 
 
 def default_description(modality: str) -> str:
     return (
-        f"Counts CHO-K1 suspension cells in 128x128 {MODALITY_NAMES.get(modality, modality)} "
+        f"Counts CHO-K1 suspension cells in 128x128 {modality_name(modality)} "
         "images of microfluidic cultivation chambers: the natural-image encoder and count "
         "regressor of a Twin-VAE trained on natural and synthetic images "
         "(Stallmann et al. 2021; Kenneweg, Stallmann, Hammer 2023)."
@@ -186,7 +189,7 @@ def build_rdf(
 ) -> dict[str, Any]:
     """The complete rdf.yaml content; every file it names must be in `hashes`."""
     modality = config.data.modality
-    modality_name = MODALITY_NAMES[modality]
+    name_of_modality = modality_name(modality)
     tags = [
         "cell-counting",
         "regression",
@@ -196,7 +199,7 @@ def build_rdf(
         "cho-k1",
         "microfluidics",
         "single-cell-cultivation",
-        modality_name,
+        MODALITY_NAMES.get(modality, modality),
         "2d",
         "pytorch",
         "onnx",
@@ -216,7 +219,9 @@ def build_rdf(
         "timestamp": timestamp.isoformat(),
         "documentation": _file(DOCUMENTATION_FILE, hashes),
         "covers": [_file(COVER_FILE, hashes)],
-        "attachments": [_file(CONFIG_FILE, hashes)],
+        "attachments": [
+            _file(name, hashes) for name in (CONFIG_FILE, FULL_WEIGHTS_FILE) if name in hashes
+        ],
         "inputs": [_input_descr(hashes)],
         "outputs": _output_descrs(spec, hashes),
         "weights": weights,
@@ -227,9 +232,15 @@ def build_rdf(
                 "architecture_description": (
                     "Natural-domain outer encoder (4 strided 5x5 convolutions), shared encoder "
                     "(5x5 convolution, linear layer to the latent mean mu) and an MLP regressor "
-                    "from mu to the cell count; the VAE decoders are not part of the export."
+                    "from mu to the cell count; "
+                    + (
+                        f"the whole Twin-VAE (also the synthetic encoder and the decoders) is "
+                        f"attached as {FULL_WEIGHTS_FILE} for fine-tuning."
+                        if FULL_WEIGHTS_FILE in hashes
+                        else "the VAE decoders are not part of the export."
+                    )
                 ),
-                "modality": f"{modality_name} microscopy",
+                "modality": f"{name_of_modality} microscopy",
                 "target_structure": ["cells"],
                 "task": "cell counting (image-level regression)",
                 "model_parameter_count": parameter_count,

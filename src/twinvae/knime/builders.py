@@ -37,7 +37,7 @@ WORKFLOW_NAMES = (COUNT_WORKFLOW, GROWTH_WORKFLOW, FINETUNE_WORKFLOW)
 WORKFLOW_MODULES: dict[str, tuple[str, ...]] = {
     COUNT_WORKFLOW: ("twinvae_knime", "twinvae_bundle"),
     GROWTH_WORKFLOW: ("twinvae_knime", "twinvae_bundle", "twinvae_growth"),
-    FINETUNE_WORKFLOW: ("twinvae_knime", "twinvae_finetune"),
+    FINETUNE_WORKFLOW: ("twinvae_knime", "twinvae_bundle", "twinvae_finetune"),
 }
 """The modules each workflow ships in data/: twinvae_knime and the ones it imports for that
 workflow's nodes (twinvae_knime.shipped)."""
@@ -354,24 +354,29 @@ def growth_workflow(bundle: bytes | None) -> Workflow:
     )
 
 
-def finetune_workflow() -> Workflow:
-    """A few new labels -> twinvae transfer -> export -> evaluate; the new bundle as output."""
+def finetune_workflow(bundle: bytes | None = None) -> Workflow:
+    """Bundle + a few new labels -> twinvae transfer -> export -> evaluate; the new bundle as
+    output."""
     data = shipped_modules(FINETUNE_WORKFLOW)
     data["README.txt"] = _data_readme(
         FINETUNE_WORKFLOW,
-        "The fine-tuned run folder and bundle are written here by default (workflow variables "
-        "run_dir and new_bundle). Existing results are never overwritten.\n",
+        "model.zip: the bundle to fine-tune (workflow variable 'bundle'), present when the "
+        "workflow was built with --bundle (the count workflow's model).\nThe fine-tuned run "
+        "folder, bundle and its metrics are written here by default (workflow variables run_dir "
+        "and new_bundle). Existing results are never overwritten.\n",
     )
+    if bundle is not None:
+        data[BUNDLE_FILE] = bundle
     nodes = [
         PythonScriptNode(
-            1, "Check inputs, plan commands", node_script("finetune_plan"), 80, 260, output_tables=1
+            1, "Check inputs, plan commands", node_script("finetune_plan"), 80, 290, output_tables=1
         ),
         PythonScriptNode(
             2,
             "Transfer learning",
             node_script("finetune_transfer"),
             300,
-            260,
+            290,
             input_tables=1,
             output_tables=1,
         ),
@@ -380,7 +385,7 @@ def finetune_workflow() -> Workflow:
             "Export bundle",
             node_script("finetune_export"),
             520,
-            260,
+            290,
             input_tables=1,
             output_tables=1,
         ),
@@ -389,7 +394,7 @@ def finetune_workflow() -> Workflow:
             "Evaluate on held-out labels",
             node_script("finetune_evaluate"),
             740,
-            260,
+            290,
             input_tables=1,
             output_tables=2,
         ),
@@ -397,44 +402,50 @@ def finetune_workflow() -> Workflow:
     title = _box(
         "TwinVAE - fine-tune a model on a few labels from a new microscope\n\n"
         "Runs the twinvae command line (twinvae must be installed in KNIME's Python "
-        "environment): transfer learning from a checkpoint, export as a bioimage.io bundle, "
-        "evaluation on held-out labels. Workflow variables:\n"
-        "  checkpoint      trained twinvae checkpoint (.pt) to start from\n"
-        "  config          twinvae configuration file (.yaml) of that model\n"
-        "  new_labels_dir  the few labelled images of the new microscope (twinvae data layout)\n"
+        "environment): transfer learning from a model bundle, export as a new bioimage.io "
+        "bundle, evaluation on held-out labels. Workflow variables:\n"
+        "  bundle          model bundle (.zip) to start from (default: data/model.zip, the count "
+        "workflow's model)\n"
+        "  new_labels_dir  the few labelled images of the new microscope (images + counts.csv)\n"
         "  heldout_dir     labelled images kept apart for the evaluation\n"
+        "  modality        the new microscope: bf, pc, other or a name (default other)\n"
+        "  strategy        transfer strategy (default thaw); config: optional twinvae config\n"
+        "  extra_settings  optional config overrides, e.g. train.epochs=20 train.batch_size=16\n"
         "  run_dir / new_bundle  where the run and the new bundle go (default: data/)\n"
         "  twinvae_executable  optional full path of the twinvae program\n"
-        "Use the new bundle in the count and growth workflows (workflow variable bundle).",
+        "A bundle without the whole Twin-VAE (twinvae_weights.safetensors) is fine-tuned on "
+        "natural images only. Use the new bundle in the count and growth workflows.",
         40,
         0,
         900,
-        230,
+        250,
         TITLE_COLOR,
     )
     steps = [
         _step_annotation(
-            "1. Check inputs, plan\nStops early when a file is missing or new_bundle exists. "
-            "Output: the three command lines.",
+            "1. Check inputs, plan\nStops early when a file is missing or new_bundle exists; "
+            "checks whether the bundle holds the whole Twin-VAE. Output: the three command lines.",
             40,
-            y=380,
+            y=410,
         ),
         _step_annotation(
-            "2. Transfer learning\ntwinvae transfer --from checkpoint --config config "
-            "--strategy thaw --set data.natural=new_labels_dir --out run_dir",
+            "2. Transfer learning\ntwinvae transfer --from bundle --strategy strategy --set "
+            "data.natural=new_labels_dir --set data.modality=modality [--natural-only] --out "
+            "run_dir",
             260,
-            y=380,
+            y=410,
         ),
         _step_annotation(
             "3. Export bundle\ntwinvae export run_dir/best.pt --out new_bundle",
             480,
-            y=380,
+            y=410,
         ),
         _step_annotation(
-            "4. Evaluate\ntwinvae evaluate new_bundle --data heldout_dir --json. Outputs: the "
-            "log and a metric/value table; flow variable new_bundle_path.",
+            "4. Evaluate\ntwinvae evaluate new_bundle --data heldout_dir --json (report beside "
+            "new_bundle). Outputs: the log and a metric/value table; flow variable "
+            "new_bundle_path.",
             700,
-            y=380,
+            y=410,
             width=220,
         ),
     ]
@@ -442,9 +453,10 @@ def finetune_workflow() -> Workflow:
         name=FINETUNE_WORKFLOW,
         title="TwinVAE: fine-tune on new labels",
         description=(
-            "Transfer learning of a Twin-VAE cell counter to a new microscope from a few labelled "
-            "images: twinvae transfer, twinvae export (bioimage.io bundle) and twinvae evaluate "
-            "on held-out labels. The new bundle can be used in the count and growth workflows."
+            "Transfer learning of a Twin-VAE cell counter, given as a bioimage.io bundle, to a "
+            "new microscope from a few labelled images: twinvae transfer, twinvae export (a new "
+            "bundle) and twinvae evaluate on held-out labels. The new bundle can be used in the "
+            "count and growth workflows."
         ),
         tags=["twinvae", "transfer learning", "fine-tuning", "cell counting", "bioimage.io"],
         links=LINKS,
@@ -453,10 +465,13 @@ def finetune_workflow() -> Workflow:
         connections=[Connection(1, 1, 2, 1), Connection(2, 1, 3, 1), Connection(3, 1, 4, 1)],
         annotations=[title, *steps],
         variables=[
-            WorkflowVariable("checkpoint", ""),
-            WorkflowVariable("config", ""),
+            WorkflowVariable("bundle", f"knime://knime.workflow/data/{BUNDLE_FILE}"),
             WorkflowVariable("new_labels_dir", "knime://knime.workflow/data/new_labels"),
             WorkflowVariable("heldout_dir", "knime://knime.workflow/data/heldout_labels"),
+            WorkflowVariable("modality", "other"),
+            WorkflowVariable("strategy", "thaw"),
+            WorkflowVariable("config", ""),
+            WorkflowVariable("extra_settings", ""),
             WorkflowVariable("run_dir", "knime://knime.workflow/data/finetune_run"),
             WorkflowVariable("new_bundle", "knime://knime.workflow/data/finetuned_model.zip"),
             WorkflowVariable("twinvae_executable", ""),
@@ -510,7 +525,11 @@ class BuildResult:
 def all_workflows(
     bundle: bytes | None = None, samples: dict[str, bytes] | None = None
 ) -> list[Workflow]:
-    return [count_workflow(bundle, samples or {}), growth_workflow(bundle), finetune_workflow()]
+    return [
+        count_workflow(bundle, samples or {}),
+        growth_workflow(bundle),
+        finetune_workflow(bundle),
+    ]
 
 
 def build_workflows(

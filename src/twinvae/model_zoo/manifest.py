@@ -20,6 +20,8 @@ WEIGHTS_DIR = "weights"
 MAX_WEIGHTS_BYTES = 50 * 1024 * 1024
 """Stored weights committed to the repository, all entries together."""
 
+WeightsKind = Literal["twin-vae", "counting-path"]
+
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -34,16 +36,26 @@ class ZooEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="e.g. cho-k1-pc-paper; says the modality (bf or pc)")
-    modality: Literal["bf", "pc"]
+    name: str = Field(description="e.g. cho-k1-pc-paper; says the modality (bf, pc, ...)")
+    modality: str = Field(
+        pattern=r"^[a-z][a-z0-9]*$",
+        description="bf, pc, or the name of another modality (data.modality of the run)",
+    )
     description: str = ""
     recipe: str = Field(description="training recipe: config name and notable settings")
     source_checkpoint: str = Field(
         description="the checkpoint the weights were taken from, without the training machine's "
         "folders: relative as given, or `.../` and the last parts of an absolute path"
     )
-    weights: str = Field(description="safetensors file of the counting path, relative to the zoo")
+    weights: str = Field(description="safetensors weights file, relative to the zoo")
     weights_sha256: str
+    weights_kind: WeightsKind = Field(
+        "counting-path",
+        description="what the weights file holds: the whole Twin-VAE (both encoders, both "
+        "decoders, shared layers, regressor; what fine-tuning with the synthetic twin starts "
+        "from), or only the counting path (natural encoder, shared encoder, regressor; the "
+        "first entries, whose source checkpoints are gone)",
+    )
     config: str = Field(description="training config YAML, relative to the zoo")
     config_sha256: str
     epoch: int = Field(ge=0)

@@ -3,7 +3,9 @@
 Layout of a zoo folder (the repository's `model_zoo/` by default)::
 
     collection.yaml             the manifest (twinvae.model_zoo.manifest)
-    weights/NAME.safetensors    counting-path weights (no pickle)
+    weights/NAME.safetensors    the whole Twin-VAE (`weights_kind: twin-vae`, the bundle's
+                                `twinvae_weights.safetensors`), or only its counting path (the
+                                first entries); no pickle
     weights/NAME.yaml           the training config
 
 The contract, on every CPU: `zoo build` makes the bundle whose sha256 the manifest records
@@ -40,16 +42,23 @@ import numpy as np
 import yaml
 
 from twinvae.config import config_from_dict
+from twinvae.data.modality import settings_modality
 from twinvae.errors import CheckpointError, ConfigError, TwinVAEError
 from twinvae.export.bundle import (
     ExportOptions,
     ExportResult,
     ExportSource,
     export_source,
+    portable_config,
     portable_path,
     resolve_timestamp,
     sha256_file,
     source_from_checkpoint,
+)
+from twinvae.export.full_weights import (
+    counting_state,
+    read_full_weights,
+    write_full_weights,
 )
 from twinvae.export.images import (
     CheckImages,
@@ -58,7 +67,6 @@ from twinvae.export.images import (
     save_check_images,
 )
 from twinvae.export.rdf import BundleMetadata
-from twinvae.fileio import make_readable_like_new_file
 from twinvae.model_zoo.manifest import (
     MAX_WEIGHTS_BYTES,
     WEIGHTS_DIR,
@@ -68,7 +76,6 @@ from twinvae.model_zoo.manifest import (
     save_manifest,
 )
 
-SAFETENSORS_FORMAT = "twinvae-counting-network/1"
 VERSIONED_PACKAGES = ("twinvae", "torch", "onnx", "onnxscript", "numpy", "matplotlib", "tifffile")
 
 
@@ -119,26 +126,41 @@ def _verify(entry: ZooEntry, path: Path, expected: str | None) -> None:
 
 
 def source_from_entry(zoo_dir: Path, entry: ZooEntry) -> ExportSource:
-    """The stored weights and config of an entry, after checking their sha256."""
+    """The stored weights and config of an entry, after checking their sha256; the whole
+    Twin-VAE (``full_state``) too when the entry stores it."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     weights = _resolve(zoo_dir, entry.weights)
     config_path = _resolve(zoo_dir, entry.config)
     _verify(entry, weights, entry.weights_sha256)
     _verify(entry, config_path, entry.config_sha256)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from None
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config_text = config_path.read_text(encoding="utf-8")
+    data = yaml.safe_load(config_text)
     config = config_from_dict(data, origin=str(config_path))
+    stored = weights.read_bytes()
+    full_state = None
+    if entry.weights_kind == "twin-vae":
+        full_state, model = read_full_weights(stored, str(weights))
+        if model != config.model:
+            raise CheckpointError(
+                f"{weights}: its model sizes differ from those of {config_path}; add the model "
+                "again (`twinvae zoo add CHECKPOINT --name NAME --replace`)"
+            )
+        state = counting_state(full_state, config.model)
+    else:
+        try:
+            state = load(stored)
+        except (SafetensorError, ValueError) as error:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from None
     return ExportSource(
         config=config,
         state=state,
         epoch=entry.epoch,
         metrics={},
         origin=entry.weights,
+        full_state=full_state,
+        config_text=config_text,
     )
 
 
@@ -231,16 +253,16 @@ def add_entry(
     timestamp: datetime | None = None,
     replace: bool = False,
 ) -> ZooEntry:
-    """Publish a checkpoint: store its counting path as safetensors, build and validate the
-    bundle, and record the entry (with the bundle's sha256) in the manifest."""
-    from safetensors.torch import save_file
-
+    """Publish a checkpoint: store the whole Twin-VAE as safetensors (`write_full_weights`),
+    build and validate the bundle, and record the entry (with the bundle's sha256) in the
+    manifest."""
     manifest = load_manifest(zoo_dir) if (zoo_dir / "collection.yaml").is_file() else ZooManifest()
     existing = [entry for entry in manifest.models if entry.name == name]
     if existing and not replace:
         raise ConfigError(f"the zoo already has a model {name!r}; pass --replace to update it")
     source = source_from_checkpoint(checkpoint)
     modality = source.config.data.modality
+    look = settings_modality(modality, source.config.data.synthetic_generator)
     weights_dir = zoo_dir / WEIGHTS_DIR
     weights_dir.mkdir(parents=True, exist_ok=True)
     weights = weights_dir / f"{name}.safetensors"
@@ -250,13 +272,12 @@ def add_entry(
     try:
         if test_data is None:
             # Stored, so that rebuilding does not depend on the generator's current version.
-            save_check_images(images_path, load_check_images(None, modality))
+            save_check_images(images_path, load_check_images(None, modality, look=look))
             written.append(images_path)
-        state = {key: value.contiguous() for key, value in source.state.items()}
-        save_file(state, str(weights), metadata={"format": SAFETENSORS_FORMAT})
-        make_readable_like_new_file(weights)  # safetensors writes its files as 0600
+        assert source.full_state is not None  # a checkpoint holds the whole model
+        write_full_weights(weights, source.full_state, source.config.model)
         written.append(weights)
-        source.config.save(config_path)
+        portable_config(source.config).save(config_path)
         written.append(config_path)
         entry = ZooEntry(
             name=name,
@@ -266,6 +287,7 @@ def add_entry(
             source_checkpoint=portable_path(checkpoint),
             weights=f"{WEIGHTS_DIR}/{weights.name}",
             weights_sha256=sha256_file(weights),
+            weights_kind="twin-vae",
             config=f"{WEIGHTS_DIR}/{config_path.name}",
             config_sha256=sha256_file(config_path),
             epoch=source.epoch,

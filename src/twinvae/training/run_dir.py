@@ -146,6 +146,15 @@ class RunDirectory:
             run._remove_stale_temporaries()
         return run
 
+    @classmethod
+    def locked(cls, path: Path) -> RunDirectory:
+        """Lock an existing folder without looking at its files, for code that clears a run
+        folder; a folder another process is writing is refused (`RunDirectoryInUseError`).
+        Release it with ``close()``."""
+        run = cls(path)
+        run._lock_folder()
+        return run
+
     def close(self, *, failed: bool = False) -> None:
         """Release the lock. After a failure before the first checkpoint nothing in the folder
         is of use: remove what this run wrote, and the folders `new` created."""

@@ -5,26 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from twinvae.config import ExperimentConfig, TransferConfig
-from twinvae.training.checkpoint import load_checkpoint
 from twinvae.training.run_dir import RunDirectory, is_writer_process
+from twinvae.training.sources import check_transfer_plan, resolve_transfer_source
 from twinvae.training.trainer import TrainResult, train
 
 
 def transfer_config(
     config: ExperimentConfig, source: str | Path, strategy: str | None = None
 ) -> ExperimentConfig:
-    """This run's config with the source checkpoint's model sizes and the chosen strategy."""
-    source_config = load_checkpoint(source).config
+    """This run's config with the source's model sizes and the chosen strategy.
+
+    ``source``: a checkpoint or run folder, a bundle, or a zoo model (`resolve_transfer_source`).
+    A source with only the counting path allows only natural-only runs (ConfigError otherwise,
+    before any run folder exists; `check_transfer_plan`).
+    """
+    resolved = resolve_transfer_source(source)
     transfer = config.transfer or TransferConfig()
-    updates: dict[str, object] = {"from_checkpoint": str(source)}
+    updates: dict[str, object] = {"from_checkpoint": resolved.spec}
     if strategy is not None:
         updates["strategy"] = strategy
-    return config.model_copy(
+    planned = config.model_copy(
         update={
-            "model": source_config.model,
+            "model": resolved.model,
             "transfer": TransferConfig.model_validate({**transfer.model_dump(), **updates}),
         }
     )
+    check_transfer_plan(resolved, planned)
+    return planned
 
 
 def run_transfer(

@@ -30,7 +30,8 @@ from twinvae.models.twin_vae import DomainName, TwinVAE
 from twinvae.training.device import Runtime
 from twinvae.training.losses import DomainLoss, twin_domain_loss
 
-DomainBatch = tuple[DomainName, torch.Tensor, torch.Tensor]  # domain, images, counts
+# domain, images, counts: (N,), or (N, 2) counts and loss weights (pseudo-labels, `losses`)
+DomainBatch = tuple[DomainName, torch.Tensor, torch.Tensor]
 StepLoss = tuple[torch.Tensor, dict[str, torch.Tensor]]  # total (detached), terms by name
 
 

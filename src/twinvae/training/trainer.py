@@ -31,7 +31,7 @@ from twinvae.evaluation.predict import predict_counts
 from twinvae.models.twin_vae import TwinVAE
 from twinvae.training.augment import augment_batch
 from twinvae.training.callbacks import Callbacks, ProgressBar, TrainingCallback
-from twinvae.training.checkpoint import Checkpoint, load_checkpoint
+from twinvae.training.checkpoint import Checkpoint
 from twinvae.training.data import (
     NaturalSampler,
     SyntheticSource,
@@ -224,8 +224,18 @@ class Trainer:
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.data = data if data is not None else prepare_data(data_config, config.train.seed)
+        chosen = self.data.data_config
+        if chosen is not None:  # the generator modality chosen for the images: into config.yaml
+            update = {"synthetic_generator": chosen.synthetic_generator}
+            config = config.model_copy(update={"data": config.data.model_copy(update=update)})
+            self.config = config
         self._check_validation_size()
-        self.sampler = NaturalSampler(self.data.natural_train, config.data.labelled_fraction)
+        self.sampler = NaturalSampler(
+            self.data.natural_train,
+            config.data.labelled_fraction,
+            targets=self.data.natural_targets,
+            balance_counts=config.data.balance_counts,
+        )
         if resume_from is None and (config.transfer is None or not config.transfer.from_checkpoint):
             self.model.regressor.start_at(_mean_label(self.data))
         self.synthetic = (
@@ -266,12 +276,22 @@ class Trainer:
         return self.step if isinstance(self.step, DomainPasses) else None
 
     def _load_transfer_source(self, source: str) -> None:
-        checkpoint = load_checkpoint(source)
-        if checkpoint.config.model != self.config.model:
+        """A checkpoint, bundle or zoo model (`training.sources`); one with only the counting
+        path fills that part and allows only natural-only runs."""
+        from twinvae.training.sources import (
+            check_transfer_plan,
+            resolve_transfer_source,
+            warn_if_partial,
+        )
+
+        resolved = resolve_transfer_source(source)
+        if resolved.model != self.config.model:
             raise ConfigError(
                 f"{source}: its model config differs from this run's; set model: to the source's"
             )
-        self.model.load_state_dict(checkpoint.model_state)
+        check_transfer_plan(resolved, self.config)
+        warn_if_partial(resolved)
+        resolved.load_into(self.model)
         if self.config.transfer is not None and self.config.transfer.reset_regressor:
             for module in self.model.regressor.modules():
                 if isinstance(module, nn.Linear):
@@ -430,9 +450,7 @@ class Trainer:
             index = self.sampler.sample(batch, rng)
             natural = to_tensor(natural_set.images[index], runtime.device, cfg.train.channels_last)
             natural = augment_batch(natural, cfg.augment, augment_rng)
-            natural_counts = torch.from_numpy(natural_set.counts[index].astype(np.float32)).to(
-                runtime.device
-            )
+            natural_counts = torch.from_numpy(self._natural_targets(index)).to(runtime.device)
             batches: list[DomainBatch] = [("natural", natural, natural_counts)]
             if self.synthetic is not None:
                 syn_images, syn_counts = self.synthetic.batch(
@@ -477,6 +495,13 @@ class Trainer:
             images_per_second=round(images_seen * runtime.world_size / seconds, 1),
         )
         return row
+
+    def _natural_targets(self, index: np.ndarray) -> np.ndarray:
+        """The batch's counts (N,), or with pseudo-labels its targets and weights (N, 2)."""
+        data = self.data
+        if data.natural_targets is None or data.natural_weights is None:
+            return data.natural_train.counts[index].astype(np.float32)
+        return np.stack([data.natural_targets[index], data.natural_weights[index]], axis=1)
 
     def _kept_checkpoint(self) -> str:
         if self.run.last_checkpoint.exists():

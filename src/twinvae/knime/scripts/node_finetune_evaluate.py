@@ -17,7 +17,9 @@ log = tk.finetune_run(
     "evaluate", knio.input_tables[0].to_pandas(), knio.flow_variables, DATA.parent
 )
 knio.output_tables[0] = knio.Table.from_pandas(log)
-knio.output_tables[1] = knio.Table.from_pandas(tk.finetune_metrics(log))
+knio.output_tables[1] = knio.Table.from_pandas(
+    tk.finetune_metrics(knio.flow_variables, DATA.parent)
+)
 knio.flow_variables["new_bundle_path"] = str(
     tk.path_variable(knio.flow_variables, "new_bundle", DATA.parent)
 )

@@ -1,4 +1,4 @@
-"""Transfer learning: twinvae transfer from the given checkpoint on the new labels."""
+"""Transfer learning: twinvae transfer from the given bundle on the new labels."""
 
 import sys
 from pathlib import Path
