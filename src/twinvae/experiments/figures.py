@@ -21,16 +21,18 @@ from twinvae.errors import ConfigError
 Embedding = Literal["umap", "pca"]
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float, dpi: int = 110) -> Any:
+    """A matplotlib figure on its own Agg canvas (no pyplot global state), size in inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write the figure as PNG to path (its folder made if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
@@ -40,7 +42,7 @@ def plot_mre_per_count(
     curves: Sequence[tuple[str, dict[str, dict[str, float]]]], title: str, path: Path
 ) -> Path:
     """One line per (label, per_count) with MRE in percent over the true count."""
-    figure = _figure(7.0, 4.0)
+    figure = new_figure(7.0, 4.0)
     axes = figure.add_subplot(1, 1, 1)
     for label, per_count in curves:
         counts = sorted(int(c) for c in per_count)
@@ -52,7 +54,7 @@ def plot_mre_per_count(
     axes.grid(alpha=0.3)
     if curves:
         axes.legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def read_metrics(paths: Sequence[Path]) -> list[dict[str, str]]:
@@ -75,7 +77,7 @@ def plot_training_curves(metrics_files: Sequence[Path], title: str, path: Path) 
     if not rows:
         return None
     epochs = np.arange(1, len(rows) + 1)
-    figure = _figure(9.0, 3.2)
+    figure = new_figure(9.0, 3.2)
     loss_axes, val_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     loss_axes.plot(epochs, _column(rows, "loss"), marker=".", label="total loss")
     for key in ("natural_reg", "synthetic_reg"):
@@ -105,7 +107,7 @@ def plot_training_curves(metrics_files: Sequence[Path], title: str, path: Path) 
         for axes in (loss_axes, val_axes):
             axes.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=0.8)
     figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _pick_spread(image_set: ImageSet, count: int) -> np.ndarray:
@@ -161,7 +163,7 @@ def plot_translations(
                 translated = _as_uint8(model.decode(mu, other))  # type: ignore[arg-type]
                 panels.append((f"{domain} -> {other}", translated, []))
     columns = max(len(images) for _, images, _ in panels)
-    figure = _figure(1.6 * columns + 1.5, 1.7 * len(panels))
+    figure = new_figure(1.6 * columns + 1.5, 1.7 * len(panels))
     for row, (label, images, captions) in enumerate(panels):
         for column, image in enumerate(images):
             axes = figure.add_subplot(len(panels), columns, row * columns + column + 1)
@@ -173,7 +175,7 @@ def plot_translations(
             if column == 0:
                 axes.set_ylabel(label, fontsize=7)
     figure.suptitle(f"{title}\n(titles: true count / predicted count)", fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _as_uint8(tensor: Any) -> np.ndarray:
@@ -232,7 +234,7 @@ def plot_latent(
     path: Path,
 ) -> Path:
     """Two scatter plots of the same embedding: coloured by cell count and by domain."""
-    figure = _figure(10.0, 4.2)
+    figure = new_figure(10.0, 4.2)
     by_count, by_domain = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     scatter = by_count.scatter(points[:, 0], points[:, 1], c=counts, cmap="viridis", s=6)
     figure.colorbar(scatter, ax=by_count, label="cell count")
@@ -246,4 +248,4 @@ def plot_latent(
         axes.set_xticks([])
         axes.set_yticks([])
     figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

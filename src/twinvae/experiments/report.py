@@ -689,6 +689,16 @@ def _is_generated_json(path: Path) -> bool:
     return data is not None and data.get("format") == REPORT_FORMAT
 
 
+def read_notes(notes: Path | None) -> str | None:
+    """The text of the --notes file (None without one); an unreadable file is a ConfigError."""
+    if notes is None:
+        return None
+    try:
+        return notes.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{notes}: cannot read the notes ({error.strerror or error})") from None
+
+
 def build_report(
     results_dir: Path,
     out: Path,
@@ -706,14 +716,7 @@ def build_report(
     _check_writable(json_path, _is_generated_json, overwrite)
     if embedding not in ("umap", "pca"):
         raise ConfigError(f"embedding {embedding!r}: expected umap or pca")
-    notes_text = None
-    if notes is not None:
-        try:
-            notes_text = notes.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(
-                f"{notes}: cannot read the notes ({error.strerror or error})"
-            ) from None
+    notes_text = read_notes(notes)
     out.mkdir(parents=True, exist_ok=True)
     drawn = draw_figures(rows, out / "figures", out, embedding, log) if figures else ReportFigures()
     generated = datetime.now(UTC).isoformat(timespec="seconds")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from twinvae.evaluation.metrics import metrics_per_count, paper_metrics
+from twinvae.experiments.figures import new_figure, save_figure
 
 DPI = 80
 """Small files: the figures are committed beside RESULTS.md."""
@@ -37,27 +38,12 @@ class Series:
         return truth, predicted
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
-
-
 def plot_error_per_count(
     panels: Sequence[tuple[str, Sequence[Series]]], title: str, path: Path
 ) -> Path:
     """One column per (title, series) panel: MAE (top) and MRE in percent (bottom) of the
     rounded count over the true count, one line per method."""
-    figure = _figure(4.2 * len(panels), 6.0)
+    figure = new_figure(4.2 * len(panels), 6.0, dpi=DPI)
     figure.suptitle(title)
     grid = figure.subplots(2, len(panels), squeeze=False, sharex=True)
     for column, (panel_title, series) in enumerate(panels):
@@ -79,7 +65,7 @@ def plot_error_per_count(
                 axes.set_xlabel("true cell count")
         if series:
             grid[0][column].legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_scatter(series: Sequence[Series], title: str, path: Path) -> Path:
@@ -87,7 +73,7 @@ def plot_scatter(series: Sequence[Series], title: str, path: Path) -> Path:
     least-squares line (the report's slope and intercept)."""
     columns = min(3, max(1, len(series)))
     rows = (len(series) + columns - 1) // columns
-    figure = _figure(3.3 * columns, 3.1 * max(rows, 1))
+    figure = new_figure(3.3 * columns, 3.1 * max(rows, 1), dpi=DPI)
     figure.suptitle(title)
     grid = figure.subplots(max(rows, 1), columns, squeeze=False)
     for index, one in enumerate(series):
@@ -116,7 +102,7 @@ def plot_scatter(series: Sequence[Series], title: str, path: Path) -> Path:
         axes.legend(fontsize=6, loc="upper left")
     for index in range(len(series), rows * columns):
         grid[index // columns][index % columns].set_visible(False)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def pick_chambers(rows: Sequence[dict[str, Any]], count: int = 3) -> list[str]:
@@ -148,7 +134,7 @@ def plot_time_course(
     path: Path,
 ) -> Path:
     """One panel per chamber: the labels (dots) and each method's predictions over the frame."""
-    figure = _figure(4.2 * max(len(chambers), 1), 3.4)
+    figure = new_figure(4.2 * max(len(chambers), 1), 3.4, dpi=DPI)
     figure.suptitle(title)
     grid = figure.subplots(1, max(len(chambers), 1), squeeze=False)
     for index, chamber in enumerate(chambers):
@@ -181,4 +167,4 @@ def plot_time_course(
         axes.grid(alpha=0.3)
         if index == 0:
             axes.legend(fontsize=6)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -22,6 +22,7 @@ from typing import Any
 
 from twinvae.errors import ConfigError
 from twinvae.experiments.reference import PAPER_TABLE2, Modality
+from twinvae.experiments.report import read_notes
 from twinvae.protocols.runner import ANCHOR_RULES, PROTOCOLS, RESULT_FILE, read_json, write_json
 from twinvae.protocols.summary import Result, collect, summarize
 
@@ -600,14 +601,7 @@ def build_protocol_report(
     markdown_path, summary_path = out / "RESULTS.md", out / "results.json"
     _check_writable(markdown_path, overwrite)
     _check_writable(summary_path, overwrite)
-    notes_text = None
-    if notes is not None:
-        try:
-            notes_text = notes.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(
-                f"{notes}: cannot read the notes ({error.strerror or error})"
-            ) from None
+    notes_text = read_notes(notes)
     found = collect(results_dir)
     copies_dir = out / COPY_DIR
     if _inside(results_dir, copies_dir):

@@ -12,7 +12,7 @@ protocol only. A chamber without any labelled training frame falls back to the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +53,14 @@ def _by_chamber(anchors: Sequence[Anchor]) -> dict[str, tuple[np.ndarray, np.nda
     return table
 
 
-def nearest_label(anchors: Sequence[Anchor], targets: Sequence[tuple[str, int]]) -> np.ndarray:
-    """The count of the nearest labelled frame of the same chamber (ties: the earlier frame)."""
+ChamberRule = Callable[[np.ndarray, np.ndarray, int], float]
+"""A count from one chamber's labelled frames (sorted times, their counts) at a target frame."""
+
+
+def _per_chamber(
+    anchors: Sequence[Anchor], targets: Sequence[tuple[str, int]], rule: ChamberRule
+) -> np.ndarray:
+    """``rule`` on each target's chamber; the training mean where the chamber has no label."""
     fallback = _mean(anchors)
     table = _by_chamber(anchors)
     predictions = np.empty(len(targets), dtype=np.float64)
@@ -63,20 +69,24 @@ def nearest_label(anchors: Sequence[Anchor], targets: Sequence[tuple[str, int]])
             predictions[index] = fallback
             continue
         times, counts = table[chamber]
-        distance = np.abs(times - frame)
-        predictions[index] = counts[int(np.argmin(distance))]  # argmin: first = earlier frame
+        predictions[index] = rule(times, counts, frame)
     return predictions
+
+
+def _nearest(times: np.ndarray, counts: np.ndarray, frame: int) -> float:
+    distance = np.abs(times - frame)
+    return float(counts[int(np.argmin(distance))])  # argmin: first = earlier frame
+
+
+def _interpolated(times: np.ndarray, counts: np.ndarray, frame: int) -> float:
+    return float(np.interp(frame, times, counts))
+
+
+def nearest_label(anchors: Sequence[Anchor], targets: Sequence[tuple[str, int]]) -> np.ndarray:
+    """The count of the nearest labelled frame of the same chamber (ties: the earlier frame)."""
+    return _per_chamber(anchors, targets, _nearest)
 
 
 def interpolate_label(anchors: Sequence[Anchor], targets: Sequence[tuple[str, int]]) -> np.ndarray:
     """The same chamber's labels linearly interpolated at the target frame."""
-    fallback = _mean(anchors)
-    table = _by_chamber(anchors)
-    predictions = np.empty(len(targets), dtype=np.float64)
-    for index, (chamber, frame) in enumerate(targets):
-        if chamber not in table:
-            predictions[index] = fallback
-            continue
-        times, counts = table[chamber]
-        predictions[index] = float(np.interp(frame, times, counts))
-    return predictions
+    return _per_chamber(anchors, targets, _interpolated)

@@ -87,6 +87,13 @@ def _command(*parts: str | Path) -> str:
     return shlex.join(str(p) for p in parts)
 
 
+def _evaluate_command(unit: Unit, *evaluator: str | Path) -> str:
+    """The `twinvae <evaluator...>` command that writes the unit's evaluation report."""
+    return _command(
+        "twinvae", *evaluator, "--data", unit.test_csv, "--json", unit.eval_json, "--overwrite"
+    )
+
+
 def write_json(path: Path, payload: Any) -> None:
     """JSON (indent 2) through a temporary file: a kill never leaves half a file."""
     import json
@@ -599,17 +606,7 @@ def run_watershed_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -
             "training": {"seconds": tuned.seconds, "what": "parameter grid search"},
             "commands": {
                 "result": protocol_command(unit, run),
-                "evaluate": _command(
-                    "twinvae",
-                    "watershed",
-                    "evaluate",
-                    unit.watershed_params,
-                    "--data",
-                    unit.test_csv,
-                    "--json",
-                    unit.eval_json,
-                    "--overwrite",
-                ),
+                "evaluate": _evaluate_command(unit, "watershed", "evaluate", unit.watershed_params),
             },
             "runner_seconds": time.perf_counter() - started,
         }
@@ -726,16 +723,7 @@ def run_model_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> Pa
                     export_data,
                     "--overwrite",
                 ),
-                "evaluate": _command(
-                    "twinvae",
-                    "evaluate",
-                    unit.bundle,
-                    "--data",
-                    unit.test_csv,
-                    "--json",
-                    unit.eval_json,
-                    "--overwrite",
-                ),
+                "evaluate": _evaluate_command(unit, "evaluate", unit.bundle),
             },
             "runner_seconds": time.perf_counter() - started,
         }
@@ -793,16 +781,7 @@ def run_bundle_unit(unit: Unit, run: ProtocolRun, *, dry_run: bool = False) -> P
     payload = _base_result(unit, run, report)
     commands = {
         "result": protocol_command(unit, run),
-        "evaluate": _command(
-            "twinvae",
-            "evaluate",
-            bundle,
-            "--data",
-            unit.test_csv,
-            "--json",
-            unit.eval_json,
-            "--overwrite",
-        ),
+        "evaluate": _evaluate_command(unit, "evaluate", bundle),
     }
     zoo_entry = zoo_entry_of(bundle, bundle_sha)
     if zoo_entry is not None:  # how to make the same bundle again
